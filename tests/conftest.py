@@ -9,13 +9,3 @@ import torch
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
     os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture
-def device():
-    """The device the kernels run on: CUDA when present, else CPU (interpreter)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
