@@ -1,0 +1,57 @@
+"""The model's dispatch points: each heavy op in plain torch ("reference") or
+through the Triton kernels ("triton"). The reference path is the specification
+(SPEC.md §2); the kernels must compute the same functions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm over the last dim, no weight, torch's default eps."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x @ w^T (+ b) with the (fp32 master) weight cast to the activation dtype."""
+    return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor, kernels: str = "reference") -> Tensor:
+    """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (KERNELS.md K1)."""
+    if kernels == "triton":
+        from recycore.kernels import leaky_relu2_mlp as fused_mlp
+
+        return fused_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype))
+    return linear(F.leaky_relu(linear(u, w_up), negative_slope=0.5).square(), w_down)
+
+
+def xsa(y: Tensor, v: Tensor) -> Tensor:
+    """Remove from each head's output its component along its own position's value
+    direction: y_h - (y_h . n) n, n = v/||v|| of the head's kv group.
+    y: (B, T, H, D); v: (B, T, Hkv, D)."""
+    B, T, H, D = y.shape
+    group = H // v.size(-2)
+    y_grouped = y.reshape(B, T, v.size(-2), group, D)
+    n = F.normalize(v, dim=-1).unsqueeze(-2)
+    return (y_grouped - (y_grouped * n).sum(dim=-1, keepdim=True) * n).reshape(B, T, H, D)
+
+
+def gated_xsa_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor | None, use_xsa: bool,
+                        kernels: str = "reference") -> Tensor:
+    """Causal GQA attention, then XSA (if use_xsa), then the sigmoid head gate
+    (KERNELS.md K2). q: (B, T, H, D); k, v: (B, T, Hkv, D); gate_logits: (B, T, H)."""
+    if kernels == "triton" and gate_logits is not None:
+        from recycore.kernels import gated_xsa_attention as fused_attention
+
+        return fused_attention(q, k, v, gate_logits, use_xsa)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        enable_gqa=q.size(2) != k.size(2),
+    ).transpose(1, 2)
+    if use_xsa:
+        y = xsa(y, v)
+    if gate_logits is not None:
+        y = y * torch.sigmoid(gate_logits).unsqueeze(-1)
+    return y
