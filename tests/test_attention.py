@@ -1,0 +1,189 @@
+"""K2 gated XSA attention and the xsa_gate epilogue vs the plain-torch reference (autograd)."""
+import math
+
+import pytest
+import torch
+
+from helpers import DEVICE, rel_err, requires_cuda
+from recycore.kernels import attention as attn
+from recycore.kernels.attention import (attention, gated_xsa_attention, gated_xsa_attention_reference, xsa_gate,
+                                        xsa_gate_reference)
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# (B, T, H, Hkv, D): ragged T (not a multiple of any block), GQA group 1 and 2, D 16 and 64
+SHAPES = [(2, 37, 4, 2, 16), (2, 130, 2, 2, 64), (1, 100, 4, 2, 64)]
+
+
+def _inputs(B, T, H, h_kv, D, dtype, *, strided=False):
+    """Random q, k, v, gate logits; `strided` takes them as views of one fused projection output."""
+    if strided:  # like reshapes of a [q | k | v] linear output: D contiguous, other strides not
+        qkv = torch.randn(B, T, (H + 2 * h_kv) * D, device=DEVICE, dtype=dtype)
+        q, k, v = qkv.split([H * D, h_kv * D, h_kv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, h_kv, D), v.view(B, T, h_kv, D)
+    else:
+        q = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+        k = torch.randn(B, T, h_kv, D, device=DEVICE, dtype=dtype)
+        v = torch.randn(B, T, h_kv, D, device=DEVICE, dtype=dtype)
+    g = 2 * torch.randn(B, T, H, device=DEVICE, dtype=dtype)
+    return [t.detach().requires_grad_() for t in (q, k, v, g)]
+
+
+def _check_against_reference(fn, ref_fn, inputs, dtype, **kw):
+    """Output and all input gradients of fn vs ref_fn run in fp32 on the same (upcast) inputs."""
+    out = fn(*inputs, **kw)
+    assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, d_out, allow_unused=True)
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    ref = ref_fn(*ref_inputs, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, d_out.float(), allow_unused=True)
+    assert rel_err(out, ref) < TOL[dtype]
+    for name, grad, ref_grad in zip("abcd", grads, ref_grads):
+        if ref_grad is None:
+            assert grad is None or grad.abs().max() == 0, name
+            continue
+        assert grad.dtype == inputs["abcd".index(name)].dtype
+        if ref_grad.norm() < 1e-6:  # a vanishing gradient (T=1: dq = dk = 0): rounding noise only
+            assert grad.abs().max() < 1e-5, name
+        else:
+            assert rel_err(grad, ref_grad) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("xsa", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_matches_reference_fp32(shape, xsa):
+    _check_against_reference(gated_xsa_attention, gated_xsa_attention_reference,
+                             _inputs(*shape, torch.float32), torch.float32, xsa=xsa)
+
+
+@pytest.mark.parametrize("xsa", [True, False])
+def test_attention_bf16_strided_views(xsa):
+    _check_against_reference(gated_xsa_attention, gated_xsa_attention_reference,
+                             _inputs(2, 45, 4, 2, 64, torch.bfloat16, strided=True), torch.bfloat16, xsa=xsa)
+
+
+def test_attention_single_token():
+    # T=1: O = v, so XSA would give exactly zero; check the plain path
+    _check_against_reference(gated_xsa_attention, gated_xsa_attention_reference,
+                             _inputs(2, 1, 4, 2, 16, torch.float32), torch.float32, xsa=False)
+
+
+@pytest.mark.parametrize("xsa", [True, False])
+@pytest.mark.parametrize("shape", [(2, 37, 4, 2, 16), (2, 130, 2, 2, 64)])
+def test_xsa_gate_matches_reference(shape, xsa):
+    B, T, H, h_kv, D = shape
+    o, _, v, g = _inputs(B, T, H, h_kv, D, torch.float32)
+    _check_against_reference(xsa_gate, xsa_gate_reference, [o, v, g], torch.float32, xsa=xsa)
+
+
+def test_xsa_gate_bf16_strided_o():
+    # the SDPA core returns (B,H,T,D) memory viewed as (B,T,H,D)
+    o = torch.randn(2, 4, 45, 64, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    _, _, v, g = _inputs(2, 45, 4, 2, 64, torch.bfloat16)
+    _check_against_reference(xsa_gate, xsa_gate_reference, [o, v, g], torch.bfloat16, xsa=True)
+
+
+def test_xsa_gate_zero_value_vector():
+    # ||v|| below eps: F.normalize clamps the norm, so only dn/eps flows back
+    o, _, v, g = _inputs(1, 33, 2, 1, 16, torch.float32)
+    with torch.no_grad():
+        v[0, 5] = 0.0
+    _check_against_reference(xsa_gate, xsa_gate_reference, [o, v, g], torch.float32, xsa=True)
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa_fused", "reference", "auto"])
+def test_dispatcher(impl):
+    inputs = _inputs(1, 40, 4, 2, 16, torch.float32)
+    _check_against_reference(lambda *a, xsa: attention(*a, xsa, impl=impl), gated_xsa_attention_reference, inputs,
+                             torch.float32, xsa=True)
+
+
+def test_dispatcher_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="impl"):
+        attention(*_inputs(1, 4, 2, 1, 16, torch.float32), xsa=True, impl="flash3")
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """Every float buffer the launchers allocate starts as NaN: unwritten elements show."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(math.nan))
+
+
+@pytest.mark.parametrize("xsa", [True, False])
+def test_raw_launchers_write_every_element(nan_poisoned_empty, xsa):
+    q, k, v, g = (t.detach() for t in _inputs(2, 45, 4, 2, 16, torch.float32))
+    y, o, lse = attn._attention_forward(q, k, v, g, xsa)
+    dy = torch.randn_like(q)
+    grads = attn._attention_backward(dy, q, k, v, g, o, lse, xsa)
+    y_epi = attn._xsa_gate_forward(o, v, g, xsa)
+    epi_grads = attn._xsa_gate_backward(dy, o, v, g, xsa)
+    for t in (y, o, lse, *grads, y_epi, *(t for t in epi_grads if t is not None)):
+        assert torch.isfinite(t).all()
+    assert rel_err(y, gated_xsa_attention_reference(q, k, v, g, xsa)) < 1e-4
+    assert rel_err(y_epi, y) < 1e-5
+
+
+def test_opcheck_attention():
+    q, k, v, g = _inputs(1, 20, 2, 1, 16, torch.float32)
+    torch.library.opcheck(attn._gated_xsa_attention_op, (q, k, v, g, True))
+    q, k, v, g = (t.detach() for t in (q, k, v, g))  # no double backward: the backward op alone
+    _, o, lse = attn._gated_xsa_attention_op(q, k, v, g, True)
+    torch.library.opcheck(attn._gated_xsa_attention_backward_op, (torch.randn_like(q), q, k, v, g, o, lse, True))
+
+
+def test_opcheck_xsa_gate():
+    o, _, v, g = _inputs(1, 20, 4, 2, 16, torch.float32)
+    for xsa in (True, False):
+        torch.library.opcheck(attn._xsa_gate_op, (o, v, g, xsa))
+        plain = [t.detach() for t in (o, v, g)]  # no double backward: the backward op alone
+        torch.library.opcheck(attn._xsa_gate_backward_op, (torch.randn_like(o), *plain, xsa))
+
+
+def test_traces_under_torch_compile_fullgraph():
+    inputs = _inputs(1, 24, 2, 1, 16, torch.float32)
+
+    def fn(q, k, v, g):
+        return gated_xsa_attention(q, k, v, g, True).sum() + xsa_gate(q, v, g, True).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.backward()
+    assert rel_err(out, fn(*[t.detach() for t in inputs])) < 1e-5
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+
+
+def test_bad_inputs():
+    q, k, v, g = (t.detach() for t in _inputs(1, 8, 4, 2, 16, torch.float32))
+    with pytest.raises(ValueError, match="k and v"):
+        gated_xsa_attention(q, k[:, :7], v, g, True)
+    with pytest.raises(ValueError, match="multiple"):
+        gated_xsa_attention(q[:, :, :3], k, v, g[:, :, :3], True)
+    with pytest.raises(ValueError, match="gate_logits"):
+        gated_xsa_attention(q, k, v, g[:, :, :2], True)
+    with pytest.raises(TypeError, match="k must be"):
+        gated_xsa_attention(q, k.double(), v, g, True)
+    with pytest.raises(TypeError, match="q must be"):
+        gated_xsa_attention(q.long(), k, v, g, True)
+    with pytest.raises(ValueError, match="head_dim"):
+        gated_xsa_attention(q[..., :12], k[..., :12], v[..., :12], g, True)
+    with pytest.raises(ValueError, match="multiple"):
+        xsa_gate(q, v[:, :, :1].expand(1, 8, 3, 16), g, True)
+    with pytest.raises(ValueError, match="gate_logits"):
+        xsa_gate(q, v, g[:1, :4], True)
+    other_device = "cpu" if q.is_cuda else "meta"
+    with pytest.raises(ValueError, match="k is on"):
+        attn._attention_forward(q, k.to(other_device), v, g, True)
+    with pytest.raises(ValueError, match="v is on"):
+        attn._xsa_gate_forward(q, v.to(other_device), g, True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("xsa", [True, False])
+def test_seed_shape_on_gpu(xsa):
+    torch.manual_seed(0)
+    inputs = _inputs(48, 2048, 8, 4, 64, torch.bfloat16, strided=True)
+    for impl in ("triton", "sdpa_fused"):
+        _check_against_reference(lambda *a, xsa: attention(*a, xsa, impl=impl), gated_xsa_attention_reference,
+                                 inputs, torch.bfloat16, xsa=xsa)
