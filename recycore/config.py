@@ -12,8 +12,10 @@ import os
 from dataclasses import dataclass, field, fields
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in str(text).split(",") if part.strip())
+def _int_list(value) -> tuple[int, ...]:
+    """(3, 4) from "3,4", [3, 4] or (3, 4)."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(int(part) for part in parts if str(part).strip())
 
 
 @dataclass

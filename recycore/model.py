@@ -65,6 +65,7 @@ class BigramHashEmbedding(nn.Module):
         self.embed = nn.Embedding(buckets, bigram_dim)
         nn.init.zeros_(self.embed.weight)
         self.proj = CastedLinear(bigram_dim, model_dim)
+        nn.init.zeros_(self.proj.weight)  # GPT._init_weights makes it orthogonal when both dims >= 64
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -93,6 +94,7 @@ class ValueEmbedding(nn.Module):
         self.embed = nn.Embedding(vocab_size, ve_dim)
         nn.init.normal_(self.embed.weight, std=0.01)
         self.proj = CastedLinear(ve_dim, kv_dim)
+        nn.init.zeros_(self.proj.weight)  # GPT._init_weights makes it orthogonal when both dims >= 64
         self.scale = nn.Parameter(torch.tensor(0.1))
 
     def forward(self, ids: Tensor) -> Tensor:

@@ -9,3 +9,14 @@ import torch
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
     os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data():
+    """The embedded demo corpus (built once into ./data, reused by `make demo`)."""
+    from recycore.demo import ensure_demo_data
+
+    root = os.environ.get("RECYCORE_DATA_ROOT", os.path.join(os.path.dirname(__file__), "..", "data"))
+    return ensure_demo_data(root)
