@@ -1,0 +1,173 @@
+"""Whole-model step timing and the profiler view (`recycore bench`).
+
+`micro_step` builds the model for one path — the reference under torch.compile
+(default or max-autotune, whole model or per block) or the Triton kernels —
+and times one forward+backward micro-step with CUDA events. `kernel_family`
+sorts profiler kernel names into the families of KERNELS.md so
+`recycore bench --profile` shows where the step's GPU time goes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recycore.config import Config
+from recycore.model import GPT
+
+PATHS = {
+    # name: (kernels, compile mode, per-block compile)
+    "reference-eager": ("reference", None, False),
+    "reference-compiled": ("reference", "default", False),
+    "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True),
+    "triton": ("triton", "default", False),
+}
+
+FAMILIES = (  # first match wins; patterns are searched in lower-cased kernel names
+    ("attention", r"attn|flash|fmha|sdpa|cudnn|softmax_bwd|_xsa"),
+    ("gemm", r"gemm|xmma|cutlass|nvjet|wgmma|matmul|_mlp|int5|triton_tem|mm_kernel|splitk"),
+    ("optimizer", r"multi_tensor|adam|foreach|muon|newton"),
+    ("elementwise/norm", r"triton_(poi|red|per)|elementwise|reduce|norm|vectorized|unrolled|copy|fill|cat"),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, pattern in FAMILIES:
+        if re.search(pattern, lowered):
+            return family
+    return "other"
+
+
+def build(path: str, cfg: Config, device="cuda"):
+    """(model, step function) for one benchmark path; the step runs fwd+bwd once."""
+    kernels, mode, per_block = PATHS[path]
+    model = GPT(cfg.replace(kernels=kernels)).to(device)
+    if mode is not None:
+        if per_block:  # whole-model max-autotune compiles take > 9.5 min (KERNELS.md): compile blocks
+            for block in model.blocks:
+                block.compile(mode=mode, dynamic=False, fullgraph=True)
+            runner = model
+        else:
+            runner = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+    else:
+        runner = model
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = runner(x, y)
+        loss.backward()
+        return loss
+
+    return model, step
+
+
+def random_batch(cfg: Config, batch_seqs: int, device="cuda"):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch_seqs, cfg.train_seq_len + 1), generator=g)
+    return ids[:, :-1].to(device), ids[:, 1:].to(device)
+
+
+def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20) -> dict:
+    """Compile time, median/p20/p80 ms of one fwd+bwd micro-step, and peak memory."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, step = build(path, cfg)
+    x, y = random_batch(cfg, batch_seqs)
+    start = time.perf_counter()
+    step(x, y)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    for _ in range(3):
+        step(x, y)
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step(x, y)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    model.zero_grad(set_to_none=True)
+    times.sort()
+    return {"path": path, "ms": statistics.median(times), "ms_p20": times[len(times) // 5],
+            "ms_p80": times[4 * len(times) // 5], "compile_s": compile_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "batch_seqs": batch_seqs,
+            "seq_len": cfg.train_seq_len}
+
+
+def profile(path: str, cfg: Config, batch_seqs: int = 48) -> dict:
+    """GPU milliseconds of one micro-step per kernel family (and the top kernels)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, step = build(path, cfg)
+    x, y = random_batch(cfg, batch_seqs)
+    for _ in range(3):
+        step(x, y)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(x, y)
+        torch.cuda.synchronize()
+    families: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = event.device_time_total / 1000.0
+        if ms <= 0:
+            continue
+        families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0.0) + ms
+        kernels[event.key] = kernels.get(event.key, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"path": path, "total_ms": sum(families.values()), "families": families, "top_kernels": top}
+
+
+def format_profile(result: dict) -> str:
+    lines = [f"{result['path']}: {result['total_ms']:.1f} ms of GPU kernels"]
+    for family, ms in sorted(result["families"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {family:<18} {ms:8.2f} ms  {100 * ms / result['total_ms']:5.1f}%")
+    lines.append("  top kernels:")
+    for name, ms in result["top_kernels"]:
+        lines.append(f"    {ms:8.2f} ms  [{kernel_family(name)}] {name[:90]}")
+    return "\n".join(lines)
+
+
+# --- CLI ---------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--profile", action="store_true",
+                        help="print the GPU time of one micro-step by kernel family, for each path")
+    parser.add_argument("--paths", default="reference-compiled,triton",
+                        help=f"comma-separated paths for --profile (of {', '.join(PATHS)})")
+    parser.add_argument("--batch-seqs", type=int, default=48, help="sequences per micro-step (seed: 48)")
+    parser.add_argument("--json", default="benchmarks/results/latest.json",
+                        help="where the suite writes pytest-benchmark JSON")
+    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression to pick benchmarks")
+    Config.add_arguments(parser)
+
+
+def run(args) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("recycore bench needs a CUDA GPU (the suite skips every benchmark without one)")
+    if args.profile:
+        cfg = Config.from_args(args)
+        results = [profile(path, cfg, args.batch_seqs) for path in args.paths.split(",")]
+        for result in results:
+            print(format_profile(result))
+        print(json.dumps(results, indent=1, default=str), file=sys.stderr)
+        return
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    suite = Path(__file__).resolve().parent.parent / "benchmarks"
+    command = [sys.executable, "-m", "pytest", str(suite), "-q", f"--benchmark-json={args.json}"]
+    if args.select:
+        command += ["-k", args.select]
+    print("+", " ".join(command), flush=True)
+    status = subprocess.call(command, env={**os.environ})
+    if status:
+        sys.exit(status)
+    subprocess.check_call([sys.executable, str(suite / "report.py"), args.json])

@@ -1,0 +1,48 @@
+"""CPU tests of the benchmark tooling: the report and the profiler's kernel families."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recycore.bench import kernel_family
+
+REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
+
+
+@pytest.mark.parametrize("name, family", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
+    ("_attn_fwd_kernel", "attention"),
+    ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopB_TNN", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"),
+    ("triton_poi_fused__to_copy_add_mul_0", "elementwise/norm"),
+    ("triton_red_fused__fused_rms_norm_backward_3", "elementwise/norm"),
+    ("void at::native::multi_tensor_apply_kernel<...FusedAdamMathFunctor...>", "optimizer"),
+    ("ncclDevKernel_AllGather_RING_LL", "other"),
+])
+def test_kernel_families(name, family):
+    assert kernel_family(name) == family
+
+
+def test_report_table_and_speedups(tmp_path):
+    bench = {"datetime": "2026-11-28T12:00:00", "machine_info": {"python_version": "3.12"}, "benchmarks": [
+        {"name": "a", "extra_info": {"group": "g", "label": "base", "ms": 2.0, "tflops": 100.0, "baseline": True,
+                                     "gpu": "NVIDIA H200", "torch": "2.11"}},
+        {"name": "b", "extra_info": {"group": "g", "label": "ours", "ms": 1.6, "tflops": 125.0,
+                                     "gpu": "NVIDIA H200", "torch": "2.11"}},
+        {"name": "skipped", "extra_info": {}},
+    ]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(bench))
+    out = subprocess.run([sys.executable, str(REPORT), str(path)], capture_output=True, text=True, check=True)
+    table = (tmp_path / "table.md").read_text()
+    assert "| g | ours | 1.600 | 125 |  | 1.25x |" in table and "NVIDIA H200" in table
+    assert "table" not in out.stderr.lower()
+
+
+def test_report_refuses_empty_results(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": [{"name": "x", "extra_info": {}}]}))
+    result = subprocess.run([sys.executable, str(REPORT), str(path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "no benchmark figures" in result.stderr
