@@ -43,9 +43,11 @@ def gated_xsa_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor | N
     """Causal GQA attention, then XSA (if use_xsa), then the sigmoid head gate
     (KERNELS.md K2). q: (B, T, H, D); k, v: (B, T, Hkv, D); gate_logits: (B, T, H)."""
     if kernels == "triton" and gate_logits is not None:
-        from recycore.kernels import gated_xsa_attention as fused_attention
+        from recycore.kernels.attention import attention
 
-        return fused_attention(q, k, v, gate_logits, use_xsa)
+        # On CUDA "auto" takes the faster measured path (fully fused Triton, or the SDPA/cuDNN
+        # core with the fused XSA+gate epilogue); on CPU the Triton interpreter runs the kernel.
+        return attention(q, k, v, gate_logits, use_xsa, impl="auto" if q.is_cuda else "triton")
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
         enable_gqa=q.size(2) != k.size(2),
