@@ -89,7 +89,7 @@ def _xsa_gate_grad(dy, o, v_self, g, XSA: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
                     qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -103,14 +103,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, k_t) * qk_scale
+        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         if DIAGONAL:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -121,7 +121,7 @@ def _attn_fwd_kernel(Q, K, V, G, Y, O, LSE,
                      stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
                      T, H, qk_scale,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, XSA: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_N: tl.constexpr, XSA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # the longest (most diagonal-distant) query blocks first, for a better tail
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -144,10 +144,10 @@ def _attn_fwd_kernel(Q, K, V, G, Y, O, LSE,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     start_m = pid_m * BLOCK_M
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                    0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST)
+                                    0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                     start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                                    HEAD_DIM, BLOCK_N, True, UPCAST)
+                                    HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PRECISION)
     o = acc / l_i[:, None]
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -240,7 +240,7 @@ def _xsa_gate_bwd_kernel(DY, O, V, G, DO, DG, DV, DELTA,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                          offs_n, lo, hi, T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         DIAGONAL: tl.constexpr, UPCAST: tl.constexpr):
+                         DIAGONAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -253,13 +253,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         # an infinite LSE gives the rows past T p = 0
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, q_t) * qk_scale - lse[None, :])
+        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if DIAGONAL:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -269,7 +269,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DV_SELF,
                           stride_vb, stride_vt, stride_vh,
                           T, H_KV, sm_scale, qk_scale,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, XSA: tl.constexpr, UPCAST: tl.constexpr):
+                          BLOCK_N: tl.constexpr, XSA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK, dV of one key block, summed over the GROUP query heads that read it (no atomics).
     DO is contiguous (B,T,H,D); LSE, DELTA (B,H,T); DK, DV, DV_SELF contiguous (B,T,Hkv,D)."""
     pid_n = tl.program_id(0)
@@ -300,10 +300,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DV_SELF,
         # query blocks on the diagonal (causal mask), then all the ones below it
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                       H * HEAD_DIM, offs_n, start_n, diag_end, T, qk_scale, HEAD_DIM,
-                                      BLOCK_M, True, UPCAST)
+                                      BLOCK_M, True, UPCAST, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                       H * HEAD_DIM, offs_n, start_n + BLOCK_N, T, T, qk_scale, HEAD_DIM,
-                                      BLOCK_M, False, UPCAST)
+                                      BLOCK_M, False, UPCAST, DOT_PRECISION)
     row_kv = (b * T + offs_n) * H_KV + kv_h
     if XSA:  # the XSA term of dv at the query's own position, already summed over the group
         dv += tl.load(DV_SELF + row_kv[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -315,7 +315,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DV_SELF,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
                        qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -329,12 +329,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v_t = v_t.to(tl.float32)
-        p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse[:, None])
+        p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if DIAGONAL:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-        dp = tl.dot(do, v_t)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     return dq
 
 
@@ -344,7 +344,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         stride_vb, stride_vt, stride_vh,
                         T, H, sm_scale, qk_scale,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                        BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of one query block; DO and DQ contiguous (B,T,H,D), LSE and DELTA (B,H,T)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -368,9 +368,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     v_base = V + b * stride_vb + kv_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                            qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST)
+                            qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                            tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST)
+                            tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PRECISION)
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -378,6 +378,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+def _dot_precision(q):
+    """fp32 inputs get exact fp32 dots (tf32 would miss the fp32 tolerance); 16-bit ones use the MMA."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _d_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -417,6 +422,7 @@ def _attention_forward(q, k, v, gate_logits, xsa, config=None):
         v.stride(0), v.stride(1), v.stride(2), gate_logits.stride(0), gate_logits.stride(1), gate_logits.stride(2),
         T, H, LOG2E / math.sqrt(D),
         GROUP=H // k.shape[2], HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
+        DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     return y, o, lse
 
@@ -459,11 +465,13 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * h_kv)](
         q, k, v, do, lse, delta, dk, dv, dv_self if xsa else dv, *strides, T, h_kv, sm_scale, sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
+        DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     block_m, block_n, warps, stages = dq_config or DQ_CONFIG
     _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *strides, T, H, sm_scale, sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET,
+        DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     return dq, dk, dv, dg
 

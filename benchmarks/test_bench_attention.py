@@ -1,0 +1,210 @@
+"""K2 gated XSA attention on the GPU: ours vs SDPA baselines, forward and forward+backward.
+
+pytest (seed shape B=48 H=8 Hkv=4 T=2048 D=64, bf16):
+  ours = the fully fused Triton kernel and SDPA(cuDNN) core + our fused xsa_gate epilogue;
+  (a) the fastest SDPA backend (cuDNN on the H200) + XSA + gate under torch.compile(mode="max-autotune");
+  (b) the flash SDPA backend + XSA + gate (eager).
+TFLOP/s count the causal attention FLOPs: 4*B*H*T^2*D/2 forward, x3.5 for forward+backward.
+
+`python benchmarks/test_bench_attention.py OUT_DIR` sweeps the Triton block configs at T=1024/2048/4096
+(98,304 tokens each), times every path side by side, profiles the kernels, and writes OUT_DIR/k2_sweep.json.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench_utils import gpu_time, requires_cuda
+
+SEED_SHAPE = (48, 2048, 8, 4, 64)
+
+
+def attention_flops(B, T, H, D, backward):
+    fwd = 4 * B * H * T * T * D / 2
+    return fwd * 3.5 if backward else fwd
+
+
+def make_inputs(B, T, H, h_kv, D, requires_grad=True):
+    """Views of one fused projection output, as the model produces them."""
+    qkv = torch.randn(B, T, (H + 2 * h_kv) * D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.split([H * D, h_kv * D, h_kv * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, h_kv, D), v.view(B, T, h_kv, D)
+    g = 2 * torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16)
+    return [t.detach().requires_grad_(requires_grad) for t in (q, k, v, g)]
+
+
+def _with_backend(fn, backends):
+    def run(*args):
+        with sdpa_kernel(backends):
+            return fn(*args)
+    return run
+
+
+def implementations():
+    """name -> callable(q, k, v, g) for every path we compare."""
+    from recycore.kernels.attention import attention, gated_xsa_attention_reference
+
+    compiled_ref = torch.compile(gated_xsa_attention_reference, mode="max-autotune", fullgraph=True)
+    cudnn = [SDPBackend.CUDNN_ATTENTION]
+    return {
+        "ours_triton": lambda q, k, v, g: attention(q, k, v, g, True, impl="triton"),
+        "ours_sdpa_fused": lambda q, k, v, g: attention(q, k, v, g, True, impl="sdpa_fused"),
+        "a_cudnn_compiled_max_autotune": _with_backend(lambda q, k, v, g: compiled_ref(q, k, v, g, True), cudnn),
+        "b_flash_eager": _with_backend(lambda q, k, v, g: gated_xsa_attention_reference(q, k, v, g, True),
+                                       [SDPBackend.FLASH_ATTENTION]),
+    }
+
+
+def _fwd_bwd(fn, inputs):
+    y = fn(*inputs)
+    dy = torch.randn_like(y)
+
+    def step():
+        torch.autograd.grad(fn(*inputs), inputs, dy)
+    return step
+
+
+_IMPLS = {}
+
+
+def _impl(name):
+    if not _IMPLS:
+        _IMPLS.update(implementations())
+    return _IMPLS[name]
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["ours_triton", "ours_sdpa_fused", "a_cudnn_compiled_max_autotune", "b_flash_eager"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+def test_bench_attention(benchmark, name, backward):
+    B, T, H, h_kv, D = SEED_SHAPE
+    torch.manual_seed(0)
+    inputs = make_inputs(*SEED_SHAPE, requires_grad=backward)
+    fn = _impl(name)
+    if backward:
+        step = _fwd_bwd(fn, inputs)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+    gpu_time(benchmark, step, group=f"K2 attention {'fwd+bwd' if backward else 'fwd'}", label=name,
+             flops=attention_flops(B, T, H, D, backward))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep script (one GPU call): configs, all paths side by side, kernel profile -> JSON
+# ----------------------------------------------------------------------------------------------
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)]
+DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)]
+
+
+def _ms(fn):
+    from triton.testing import do_bench
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+
+def _safe(results, key, fn):
+    try:
+        results[key] = _ms(fn)
+    except Exception as exc:  # a config that does not compile/fit is recorded, not fatal
+        results[key] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    return results[key]
+
+
+def sweep(out_dir):
+    import triton
+
+    from recycore.kernels import attention as attn
+
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "sweep": {}, "paths": {}}
+    os.makedirs(out_dir, exist_ok=True)
+
+    def dump():  # after every stage, so a timed-out run still leaves its figures
+        with open(os.path.join(out_dir, "k2_sweep.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    torch.manual_seed(0)
+    B, T, H, h_kv, D = SEED_SHAPE
+    q, k, v, g = (t.detach() for t in make_inputs(*SEED_SHAPE))
+    dy = torch.randn_like(q)
+    y, o, lse = attn._attention_forward(q, k, v, g, True)
+    sw = report["sweep"]
+    for cfg in FWD_CONFIGS:
+        _safe(sw, f"fwd {cfg}", lambda: attn._attention_forward(q, k, v, g, True, config=cfg))
+    for cfg in DKDV_CONFIGS:
+        _safe(sw, f"bwd dkdv {cfg}", lambda: attn._attention_backward(dy, q, k, v, g, o, lse, True, dkdv_config=cfg))
+    for cfg in DQ_CONFIGS:
+        _safe(sw, f"bwd dq {cfg}", lambda: attn._attention_backward(dy, q, k, v, g, o, lse, True, dq_config=cfg))
+    _safe(sw, "bwd epilogue+delta only",
+          lambda: attn._xsa_gate_backward(dy, o, v, g, True, delta=torch.empty_like(lse), dv_dtype=torch.float32))
+    _safe(sw, "xsa_gate fwd only", lambda: attn._xsa_gate_forward(o, v, g, True))
+
+    def best(prefix, configs):
+        timed = [(sw[f"{prefix} {c}"], c) for c in configs if isinstance(sw[f"{prefix} {c}"], float)]
+        return min(timed)[1]
+    best_fwd, best_dkdv, best_dq = best("fwd", FWD_CONFIGS), best("bwd dkdv", DKDV_CONFIGS), best("bwd dq", DQ_CONFIGS)
+    report["best"] = {"fwd": best_fwd, "dkdv": best_dkdv, "dq": best_dq}
+    attn.FWD_CONFIG, attn.DKDV_CONFIG, attn.DQ_CONFIG = best_fwd, best_dkdv, best_dq
+    dump()
+
+    cudnn = [SDPBackend.CUDNN_ATTENTION]
+
+    def expand_core(q, k, v):  # cuDNN on kv heads repeated to H (in case it refuses enable_gqa)
+        rep = q.shape[2] // k.shape[2]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2),
+            is_causal=True).transpose(1, 2)
+
+    impls = implementations()
+    impls["sdpa_default_core_only"] = lambda q, k, v, g: attn._sdpa_core(q, k, v)
+    impls["cudnn_gqa_core_only"] = _with_backend(lambda q, k, v, g: attn._sdpa_core(q, k, v), cudnn)
+    impls["cudnn_expand_core_only"] = _with_backend(lambda q, k, v, g: expand_core(q, k, v), cudnn)
+    impls["cudnn_expand_fused_epilogue"] = _with_backend(
+        lambda q, k, v, g: attn.xsa_gate(expand_core(q, k, v), v, g, True), cudnn)
+    for T in (1024, 2048, 4096):
+        Bt = B * 2048 // T
+        inputs = make_inputs(Bt, T, H, h_kv, D)
+        for name, fn in impls.items():
+            row = report["paths"].setdefault(f"T={T} {name}", {})
+            with torch.no_grad():
+                ms = _safe(row, "fwd_ms", lambda: fn(*inputs))
+            if isinstance(ms, float):
+                row["fwd_tflops"] = attention_flops(Bt, T, H, D, False) / ms / 1e9
+            try:
+                step = _fwd_bwd(fn, inputs)
+            except Exception as exc:
+                row["fwd_bwd_ms"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                continue
+            ms = _safe(row, "fwd_bwd_ms", step)
+            if isinstance(ms, float):
+                row["fwd_bwd_tflops"] = attention_flops(Bt, T, H, D, True) / ms / 1e9
+        dump()
+
+    inputs = make_inputs(*SEED_SHAPE)
+    for name in ("ours_triton", "ours_sdpa_fused", "cudnn_expand_fused_epilogue"):
+        step = _fwd_bwd(impls[name], inputs)
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        report.setdefault("profile", {})[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+
+    dump()
+    for name, table in report.get("profile", {}).items():
+        print(f"--- profile {name}\n{table}")
+    print("best configs:", report["best"])
+    for key, val in sw.items():
+        print(f"{key:45s} {val if isinstance(val, str) else f'{val:.3f} ms'}")
+    for key, row in report["paths"].items():
+        cells = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(f"{key:45s} {cells}")
+
+
+if __name__ == "__main__":
+    sweep(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
