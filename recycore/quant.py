@@ -1,0 +1,328 @@
+"""Quantisation of the model's state dict into the seed's artifact format (SPEC.md §4).
+
+The artifact holds two dicts: `w` (tensors) and `m` (a format per original
+tensor name). Per tensor, in the seed's order:
+  * not floating point, or at most 65,536 elements -> "passthrough" (floats as fp16)
+  * a control tensor (CONTROL_TENSOR_NAME_PATTERNS) -> "passthrough_ctrl" (fp32)
+  * attention / MLP matrices -> {"type": "int5_packed"}: name.q (packed bytes),
+    name.scale (fp16, one per row), name.shape (int32)
+  * everything else -> {"type": "int8"}: name.q (int8), name.scale (fp16 per row)
+Two schemes choose the int5/int8 values; both write the same format, so the
+seed's loader reads either:
+  * "seed":   s = max(clip/qmax, 1/qmax), one clip quantile per tensor (the seed's
+              exact numbers, byte for byte).
+  * "rowmse": no scale floor, and a clip chosen per row from a finer grid, by the
+              row's own squared error. The floor of 1/15 zeroes every row whose
+              values are all below 1/30 -- the small output/down projections.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CONTROL_TENSOR_NAME_PATTERNS = (
+    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
+    "skip_weight", "skip_weights", "smear", "dtg_gate", "ve_layer_scales", "ve_shared.scale", "attn_gate",
+    "vr_lambda",
+)
+PASSTHROUGH_MAX_NUMEL = 65_536
+INT5_MAX = 15
+INT8_MAX = 127
+INT5_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 1.0)
+INT8_CLIP_QUANTILE = 99.99984 / 100.0  # written as the seed computes it, so the float is identical
+# rowmse: clip candidates as fractions of the row's max |w|, next to the seed's quantiles.
+ROWMSE_CLIP_FRACTIONS = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+# rowmse scale floor: the smallest normal fp16, only to keep s > 0 for all-zero rows.
+ROWMSE_MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+SCHEMES = ("seed", "rowmse")
+INT5_CATEGORIES = ("mlp", "attn")
+
+PASSTHROUGH, PASSTHROUGH_CTRL = "passthrough", "passthrough_ctrl"
+INT5_PACKED, INT8 = "int5_packed", "int8"
+
+
+class ArtifactError(ValueError):
+    """A malformed, corrupted or mismatched artifact; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------
+def classify_param(name: str) -> str:
+    """The seed's categories: "embed", "mlp", "attn" (which includes any `.proj.`
+    outside an MLP, e.g. bigram.proj) or "other"."""
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name or (".proj." in name and ".mlp." not in name):
+        return "attn"
+    return "other"
+
+
+def is_control_tensor(name: str) -> bool:
+    return any(pattern in name for pattern in CONTROL_TENSOR_NAME_PATTERNS)
+
+
+def tensor_format(name: str, t: Tensor) -> str:
+    """PASSTHROUGH, PASSTHROUGH_CTRL, INT5_PACKED or INT8 for one (un-banked) tensor."""
+    if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL:
+        return PASSTHROUGH
+    if is_control_tensor(name):
+        return PASSTHROUGH_CTRL
+    if classify_param(name) in INT5_CATEGORIES and t.ndim >= 1:
+        return INT5_PACKED
+    return INT8
+
+
+# ---------------------------------------------------------------------------
+# Per-row quantisers
+# ---------------------------------------------------------------------------
+def _round_clamp(t32: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(t32 / scale), -qmax, qmax).to(torch.int8)
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def quantize_int5(t: Tensor, scheme: str = "seed") -> tuple[Tensor, Tensor]:
+    """int5 values in [-15, 15] (int8) and fp16 scales: one per row for a matrix,
+    a single scale otherwise."""
+    _check_scheme(scheme)
+    t32 = t.float()
+    if t32.ndim != 2:
+        scale = (t32.abs().amax() / INT5_MAX).clamp_min(
+            1.0 / INT5_MAX if scheme == "seed" else ROWMSE_MIN_SCALE).to(torch.float16)
+        return _round_clamp(t32, scale.float(), INT5_MAX), scale
+    if scheme == "seed":
+        return _int5_seed_rows(t32)
+    return _best_clip_per_row(t32, _rowmse_clip_candidates(t32, INT5_CLIP_QUANTILES), INT5_MAX)
+
+
+def _int5_seed_rows(t32: Tensor) -> tuple[Tensor, Tensor]:
+    """The seed's search: one clip quantile for the whole matrix, the one with the
+    lowest mean squared error (the first on ties)."""
+    best = None
+    for p in INT5_CLIP_QUANTILES:
+        clip = torch.quantile(t32.abs(), p, dim=1) if p < 1.0 else t32.abs().amax(dim=1)
+        scale = (clip / INT5_MAX).clamp_min(1.0 / INT5_MAX).to(torch.float16)
+        q = _round_clamp(t32, scale.float()[:, None], INT5_MAX)
+        err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
+        if best is None or err < best[0]:
+            best = (err, q, scale)
+    return best[1], best[2]
+
+
+def _rowmse_clip_candidates(t32: Tensor, quantiles: tuple[float, ...]) -> Tensor:
+    """(K, rows) clip values: the given quantiles of |w| per row and fractions of the row max."""
+    a = t32.abs()
+    amax = a.amax(dim=1)
+    probs = torch.tensor([p for p in quantiles if p < 1.0], dtype=torch.float32)
+    from_quantiles = torch.quantile(a, probs, dim=1) if len(probs) else a.new_empty(0, a.shape[0])
+    fractions = torch.tensor((*ROWMSE_CLIP_FRACTIONS, 1.0), dtype=torch.float32)[:, None] * amax[None, :]
+    return torch.cat((from_quantiles, fractions))
+
+
+def _best_clip_per_row(t32: Tensor, clips: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """For each row, the candidate clip (of K) whose fp16 scale gives the lowest
+    squared error; q is computed with the stored (fp16) scale."""
+    best_err = torch.full((t32.shape[0],), float("inf"))
+    best_q = torch.empty(t32.shape, dtype=torch.int8)
+    best_scale = torch.empty(t32.shape[0], dtype=torch.float16)
+    for clip in clips:  # K candidates (about a dozen), each fully vectorised over the matrix
+        scale = (clip / qmax).clamp_min(ROWMSE_MIN_SCALE).to(torch.float16)
+        q = _round_clamp(t32, scale.float()[:, None], qmax)
+        err = (t32 - q.float() * scale.float()[:, None]).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q[better] = q[better]
+        best_scale[better] = scale[better]
+    return best_q, best_scale
+
+
+def quantize_int8(t: Tensor, scheme: str = "seed") -> tuple[Tensor, Tensor]:
+    """int8 values in [-127, 127] and scales: fp16 per row for a matrix (clip at the
+    99.99984th percentile of |w|), one fp32 scale otherwise (as the seed)."""
+    _check_scheme(scheme)
+    t32 = t.float()
+    if t32.ndim != 2:
+        clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE)) if t32.numel() else 0.0
+        scale = torch.tensor(clip / INT8_MAX if clip > 0 else 1.0, dtype=torch.float32)
+        return _round_clamp(torch.clamp(t32, -clip, clip), scale, INT8_MAX), scale
+    if scheme == "seed":
+        # The seed clips first, rounds with the fp32 scale and stores it in fp16.
+        clip = torch.quantile(t32.abs(), INT8_CLIP_QUANTILE, dim=1)
+        clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
+        scale = (clip / INT8_MAX).clamp_min(1.0 / INT8_MAX)
+        return _round_clamp(clipped, scale[:, None], INT8_MAX), scale.to(torch.float16)
+    return _best_clip_per_row(t32, _rowmse_clip_candidates(t32, (INT8_CLIP_QUANTILE,)), INT8_MAX)
+
+
+# ---------------------------------------------------------------------------
+# int5 packing: 8 values -> one little-endian 40-bit word -> 5 bytes
+# ---------------------------------------------------------------------------
+_VALUE_SHIFTS = torch.arange(0, 40, 5, dtype=torch.int64)  # value j at bits 5j..5j+4
+_BYTE_SHIFTS = torch.arange(0, 40, 8, dtype=torch.int64)  # byte k holds bits 8k..8k+7
+
+
+def pack_int5(q: Tensor) -> Tensor:
+    """Row-major values in [-15, 15] -> uint8 bytes, ceil(n/8)*5 of them. Each group of
+    8 values (q+15 in [0, 30]) is one little-endian 40-bit word with value j in bits
+    5j..5j+4; the tail group is padded with zero bits."""
+    flat = q.detach().cpu().flatten().to(torch.int64)
+    if flat.numel() and (flat.min() < -INT5_MAX or flat.max() > INT5_MAX):
+        raise ValueError(f"pack_int5: values must lie in [-15, 15], got [{int(flat.min())}, {int(flat.max())}]")
+    groups = torch.nn.functional.pad(flat + INT5_MAX, (0, -flat.numel() % 8)).view(-1, 8)
+    words = (groups << _VALUE_SHIFTS).sum(dim=1)
+    return ((words[:, None] >> _BYTE_SHIFTS) & 0xFF).to(torch.uint8).flatten()
+
+
+def unpack_int5(packed: Tensor, shape) -> Tensor:
+    """The inverse of pack_int5: int8 values in [-15, 15] of the given shape."""
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = -(-numel // 8) * 5
+    if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != expected:
+        raise ArtifactError(f"int5 data for shape {shape} must be {expected} uint8 bytes, "
+                            f"got {packed.numel()} of {packed.dtype}")
+    words = (packed.to(torch.int64).view(-1, 5) << _BYTE_SHIFTS).sum(dim=1)
+    values = ((words[:, None] >> _VALUE_SHIFTS) & 0x1F).flatten()[:numel]
+    if numel and values.max() > 2 * INT5_MAX:
+        raise ArtifactError(f"int5 data holds code {int(values.max())} > 30 (corrupted)")
+    return (values - INT5_MAX).to(torch.int8).view(shape)
+
+
+# ---------------------------------------------------------------------------
+# State dicts
+# ---------------------------------------------------------------------------
+def _bank_slices(num_layers: int) -> dict[str, list[tuple[int, str]]]:
+    """bank name -> [(index in the bank, un-banked name)] in the seed's order."""
+    L = num_layers
+    return {
+        "qo_bank": [(j, f"blocks.{i}.attn.c_q.weight") if j < L else (j, f"blocks.{i}.attn.proj.weight")
+                    for i in range(L) for j in (i, L + i)],
+        "kv_bank": [(j, f"blocks.{i}.attn.c_k.weight") if j < L else (j, f"blocks.{i}.attn.c_v.weight")
+                    for i in range(L) for j in (i, L + i)],
+        "mlp_up_bank": [(i, f"blocks.{i}.mlp.fc.weight") for i in range(L)],
+        "mlp_down_bank": [(i, f"blocks.{i}.mlp.proj.weight") for i in range(L)],
+    }
+
+
+def unbank_state_dict(sd: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Banks -> one 2-D matrix per layer under the seed's names (the bank's place in
+    the order is taken by its matrices, Q_i/O_i and K_i/V_i interleaved)."""
+    slices = _bank_slices(num_layers)
+    out: dict[str, Tensor] = {}
+    for name, t in sd.items():
+        if name in slices:
+            if t.ndim != 3 or t.shape[0] != max(j for j, _ in slices[name]) + 1:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, not a bank of the "
+                                 f"{num_layers}-layer model")
+            for j, matrix_name in slices[name]:
+                out[matrix_name] = t[j]
+        else:
+            out[name] = t
+    return out
+
+
+def rebank_state_dict(sd: dict[str, Tensor], num_layers: int, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of unbank_state_dict; banks take the dtype of the template's banks."""
+    slices = _bank_slices(num_layers)
+    consumed: set[str] = set()
+    out: dict[str, Tensor] = {}
+    for bank, parts in slices.items():
+        missing = [name for _, name in parts if name not in sd]
+        if missing:
+            raise ArtifactError(f"missing tensor {missing[0]} (needed for {bank})")
+        out[bank] = torch.stack([sd[name] for _, name in sorted(parts)]).to(template[bank].dtype)
+        consumed.update(name for _, name in parts)
+    out.update((name, t) for name, t in sd.items() if name not in consumed)
+    return out
+
+
+def quantize_state_dict(sd: dict[str, Tensor], scheme: str = "seed") -> tuple[dict[str, Tensor], dict]:
+    """An un-banked state dict -> (w, m) in the seed's format and order."""
+    _check_scheme(scheme)
+    w: dict[str, Tensor] = {}
+    m: dict[str, object] = {}
+    for name, tensor in sd.items():
+        t = tensor.detach().cpu().contiguous()
+        fmt = tensor_format(name, t)
+        if fmt == PASSTHROUGH:
+            w[name] = t.to(torch.float16) if t.is_floating_point() else t
+            m[name] = PASSTHROUGH
+        elif fmt == PASSTHROUGH_CTRL:
+            w[name] = t.float()
+            m[name] = PASSTHROUGH_CTRL
+        elif fmt == INT5_PACKED:
+            q, scale = quantize_int5(t, scheme)
+            w[name + ".q"] = pack_int5(q)
+            w[name + ".scale"] = scale
+            w[name + ".shape"] = torch.tensor(list(q.shape), dtype=torch.int32)
+            m[name] = {"type": INT5_PACKED}
+        else:
+            q, scale = quantize_int8(t, scheme)
+            w[name + ".q"] = q
+            w[name + ".scale"] = scale
+            m[name] = {"type": INT8}
+    return w, m
+
+
+def _scaled(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    s = scale.float()
+    if s.ndim > 0:
+        s = s.view(q.shape[0], *([1] * (q.ndim - 1)))
+    return (q.float() * s).to(dtype)
+
+
+def dequantize_state_dict(w: dict[str, Tensor], m: dict, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """(w, m) -> an un-banked state dict with the template's names, shapes and dtypes
+    (template: un-banked tensors, meta tensors are fine). Missing, extra, malformed or
+    mis-shaped tensors raise ArtifactError naming the tensor."""
+    if not isinstance(w, dict) or not isinstance(m, dict):
+        raise ArtifactError("artifact's 'w' and 'm' must be dicts")
+    extra = sorted(set(m) - set(template))
+    if extra:
+        raise ArtifactError(f"artifact holds tensor {extra[0]} that the config's model does not have "
+                            f"({len(extra)} such); does the config match the artifact?")
+    out: dict[str, Tensor] = {}
+    for name, ref in template.items():
+        if name not in m:
+            raise ArtifactError(f"artifact lacks tensor {name} (no entry in its format map)")
+        t = _dequantize_one(name, m[name], w, ref.dtype)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ArtifactError(f"tensor {name} has shape {tuple(t.shape)} in the artifact but the config's "
+                                f"model expects {tuple(ref.shape)}; does the config match the artifact?")
+        out[name] = t
+    return out
+
+
+def _dequantize_one(name: str, fmt, w: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    def get(key: str) -> Tensor:
+        if key not in w:
+            raise ArtifactError(f"artifact lacks tensor {key} (format {fmt!r} of {name})")
+        if not isinstance(w[key], Tensor):
+            raise ArtifactError(f"artifact entry {key} is a {type(w[key]).__name__}, not a tensor")
+        return w[key]
+
+    if fmt in (PASSTHROUGH, PASSTHROUGH_CTRL, "passthrough_fp16"):
+        t = get(name)
+        return t.to(dtype) if t.is_floating_point() else t
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == INT5_PACKED:
+        shape = get(name + ".shape")
+        q = unpack_int5(get(name + ".q"), shape.tolist())
+    elif kind == INT8:
+        q = get(name + ".q")
+        if q.dtype != torch.int8:
+            raise ArtifactError(f"int8 data of {name} is {q.dtype}, not int8")
+    else:
+        raise ArtifactError(f"tensor {name} has unknown format {fmt!r}")
+    scale = get(name + ".scale")
+    if scale.ndim > 0 and (q.ndim == 0 or scale.numel() != q.shape[0]):
+        raise ArtifactError(f"{name}.scale has {scale.numel()} entries for {tuple(q.shape)} values")
+    return _scaled(q, scale, dtype)
