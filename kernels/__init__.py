@@ -1,2 +1,3 @@
 """Triton kernels, installed as ``recycore.kernels``."""
 from recycore.kernels.attention import gated_xsa_attention, gated_xsa_attention_reference, xsa_gate  # noqa: E402,F401
+from recycore.kernels.mlp import leaky_relu2_mlp, leaky_relu2_mlp_reference  # noqa: E402,F401

@@ -1,0 +1,319 @@
+"""The tiled GEMM template shared by K1 (LeakyReLU² MLP) and K3 (int5 matmul).
+
+C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
+
+- A and B are read through arbitrary strides, so a transposed operand is a stride swap
+  (`x.t()` views: the MLP's backward GEMMs need no copies);
+- either operand may pass through the prologue `x -> leaky_relu(x, 0.5)^2` (A_LEAKY / B_LEAKY):
+  the MLP stores only `pre` and recomputes `post` in registers where a GEMM reads it;
+- the weight loader (B) is a constexpr choice: BF16 (any float dtype, plain strided loads) or
+  INT5 (packed words unpacked in registers, see "INT5 layout");
+- the epilogue is a constexpr choice, after an optional ROW_SCALE (column n times scale[n], the
+  scale of weight row n): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
+  `pre` and/or `post = leaky_relu(pre, 0.5)^2`), LEAKY_RELU2_GRAD (C is d_post: store
+  d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`);
+- split-K over the second grid axis: each split writes its fp32 partial C into a workspace slice,
+  and `_splitk_reduce_kernel` sums the slices and applies ROW_SCALE and the epilogue (no atomics,
+  deterministic).
+
+INT5 layout (what `int5.py` transcodes the artifact into, once at load time): per weight row, the
+values u = q + 15 in [0, 30] are taken in groups of INT5_GROUP = 128 along K (the row is padded with
+u = 15, i.e. q = 0, to a multiple of 128); a group is 20 int32 words, 5 bits per value:
+- words 0..15 ("nibble words"): word r holds the low 4 bits of value 16*s + r in bits 4s..4s+3,
+  s = 0..7;
+- words 16..19 ("high words"): word 16 + r // 4 holds bit 4 of value 16*s + r at bit 8*(r % 4) + s.
+This puts value 16*s + r at index (s, r) of an (8, 16) grid whose 16 word loads broadcast over s, so
+the unpack is a few shifts/masks per value and a reshape, with no gathers. u is turned into bf16 by
+OR-ing it into the mantissa of 128.0 (bf16 0x4300) and subtracting 143: exact for u in [0, 31].
+"""
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from recycore.kernels._common import INTERPRET, check_tensor
+
+EPILOGUE_NONE = 0
+EPILOGUE_LEAKY_RELU2 = 1
+EPILOGUE_LEAKY_RELU2_GRAD = 2
+
+INT5_GROUP = 128  # values per packed group (= BLOCK_K of every INT5 config)
+INT5_GROUP_WORDS = 20  # 128 values * 5 bits / 32
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REDUCE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# The interpreter costs ~5 ms per program-tile step whatever the tile: one config, few big steps.
+INTERPRET_CONFIG = GemmConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1)
+INTERPRET_INT5_CONFIG = GemmConfig(32, 32, INT5_GROUP, group_m=4, num_warps=4, num_stages=1)
+
+
+def default_config(M, N, K, int5=False):
+    """A reasonable Hopper config for shapes without a tuned entry (callers pass tuned ones)."""
+    if INTERPRET:
+        return INTERPRET_INT5_CONFIG if int5 else INTERPRET_CONFIG
+    block_k = INT5_GROUP if int5 else 64
+    if M <= 64:  # skinny: split-K decides the parallelism
+        block_m = max(16, triton.next_power_of_2(M))
+        return GemmConfig(block_m, 64, block_k, group_m=1, num_warps=4, num_stages=4)
+    if M >= 4096 and N >= 256:
+        return GemmConfig(128, 256 if not int5 else 128, block_k, group_m=8, num_warps=8, num_stages=3)
+    return GemmConfig(128, 128, block_k, group_m=8, num_warps=8 if int5 else 4, num_stages=3 if int5 else 4)
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_split_k(M, N, K, config, device):
+    """Split K so that a GEMM with few output tiles (weight gradients: K = tokens; skinny int5
+    GEMMs) still fills the GPU with about four waves, keeping >= 4 K-steps per split."""
+    if device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    max_split = max(1, K // (4 * config.block_k))
+    return max(1, min(max_split, (4 * _num_sms(device.index or 0)) // tiles))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton building blocks
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _leaky_relu2(x):
+    """leaky_relu(x, 0.5)^2 in x's dtype (bf16 on the GPU rounds once, like torch's bf16 ops)."""
+    y = tl.where(x > 0, x, x * 0.5)
+    return y * y
+
+
+@triton.jit
+def _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """The (INT5_GROUP, BLOCK_N) tile of q = u - 15 for k in [k0, k0 + 128), in bf16 (fp32 under
+    UPCAST); weight row n starts at b_ptr + n * stride_bn (see the module doc for the layout)."""
+    r = tl.arange(0, 16)
+    group = b_ptr + offs_n[None, :] * stride_bn + (k0 // 128) * 20  # (1, BLOCK_N)
+    nibbles = tl.load(group + r[:, None], mask=mask_n[None, :], other=0)  # (16, BLOCK_N)
+    high = tl.load(group + 16 + r[:, None] // 4, mask=mask_n[None, :], other=0)
+    high = high >> ((r[:, None] % 4) * 8)  # bit s of `high` is now bit 4 of value 16*s + r
+    s = tl.arange(0, 8)[:, None, None]
+    u = ((nibbles[None, :, :] >> (s * 4)) & 15) | (((high[None, :, :] >> s) & 1) << 4)  # (8, 16, BLOCK_N)
+    u = tl.reshape(u, (128, BLOCK_N))  # row 16*s + r: value k0 + 16*s + r
+    q = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # bf16 128 + u, exact
+    if UPCAST:
+        return q.to(tl.float32) - 143.0
+    return q - 143.0
+
+
+@triton.jit
+def _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr,
+                    EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Apply the epilogue to the fp32 tile `acc` and store it at `offs` (shared by the GEMM and
+    the split-K reduction; the outputs are contiguous (M, N) tensors)."""
+    if EPILOGUE == 1:  # LEAKY_RELU2: acc is pre
+        pre = acc.to(pre_ptr.dtype.element_ty)  # post is computed from the pre that backward sees
+        if STORE_PRE:
+            tl.store(pre_ptr + offs, pre, mask=mask)
+        if STORE_POST:
+            if UPCAST:
+                pre = pre.to(tl.float32)
+            tl.store(post_ptr + offs, _leaky_relu2(pre).to(post_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 2:  # LEAKY_RELU2_GRAD: acc is d_post
+        pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d_pre = acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+        tl.store(out_ptr + offs, d_pre.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr,
+    M, N, K, k_per_split,
+    stride_am, stride_ak, stride_bn, stride_bk,
+    A_LEAKY: tl.constexpr, B_LEAKY: tl.constexpr, B_INT5: tl.constexpr,
+    EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share B tiles while they are hot in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        if A_LEAKY:
+            a = _leaky_relu2(a)
+        if B_INT5:
+            # Values past K are padding (q = 0) or masked out of A: no K mask needed.
+            b = _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N, UPCAST).to(a.dtype)
+        else:
+            b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+            if EVEN_K:
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            if B_LEAKY:
+                b = _leaky_relu2(b)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:  # raw fp32 partial into this split's workspace slice
+        tl.store(out_ptr + tl.program_id(1) * M * N + offs, acc, mask=mask)
+    else:
+        if ROW_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, MN, N,
+    SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr,
+    STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + split * MN + offs, mask=mask, other=0.0)
+    if ROW_SCALE:
+        acc = acc * tl.load(scale_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def _check_output(t, name, shape, device):
+    check_tensor(t, name, ndim=2, dtypes=_FLOAT_DTYPES, device=device, contiguous=True)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_NONE,
+         a_leaky=False, b_leaky=False, int5_k=None, split_k=1, config=None):
+    """C = a @ b^T through the template; writes into the given contiguous (M, N) buffers.
+
+    a: (M, K), b: (N, K), any strides (pass `x.t()` for a transposed operand), float dtypes;
+    or, with int5_k=K, b is the (N, words) int32 INT5 layout of an (N, K) weight.
+    epilogue NONE and LEAKY_RELU2_GRAD write `out` (the latter reads `pre`); LEAKY_RELU2 writes
+    `pre` and/or `post`. `scale` (N,) multiplies column n before the epilogue (ROW_SCALE).
+    split_k > 1 sums fp32 partials in a workspace (not with LEAKY_RELU2_GRAD).
+    Returns (out, pre, post) as given.
+    """
+    check_tensor(a, "a", ndim=2, dtypes=_FLOAT_DTYPES)
+    device = a.device
+    M, K = a.shape
+    if int5_k is None:
+        check_tensor(b, "b", ndim=2, dtypes=_FLOAT_DTYPES, device=device)
+        if b.shape[1] != K:
+            raise ValueError(f"a is (M, K) = {tuple(a.shape)} but b is {tuple(b.shape)}, not (N, {K})")
+        if b.dtype != a.dtype:
+            raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
+        N = b.shape[0]
+    else:
+        check_tensor(b, "packed weight", ndim=2, dtypes=(torch.int32,), device=device, contiguous=True)
+        if int5_k != K or b.shape[1] != triton.cdiv(K, INT5_GROUP) * INT5_GROUP_WORDS:
+            raise ValueError(f"packed weight {tuple(b.shape)} does not hold rows of K = {K} values")
+        if b_leaky:
+            raise ValueError("the LeakyReLU² prologue applies to float operands only")
+        N = b.shape[0]
+    if M * max(N, K) >= 2**31 or N * K >= 2**31:
+        raise ValueError(f"GEMM ({M} x {N} x {K}) too large for 32-bit offsets")
+    store_pre, store_post = pre is not None, post is not None
+    if epilogue == EPILOGUE_LEAKY_RELU2:
+        if not (store_pre or store_post):
+            raise ValueError("the LEAKY_RELU2 epilogue needs a pre and/or a post buffer")
+        for t, name in ((pre, "pre"), (post, "post")):
+            if t is not None:
+                _check_output(t, name, (M, N), device)
+        if store_pre and store_post and pre.dtype != post.dtype:
+            raise TypeError("pre and post must have one dtype")
+        out = pre if store_pre else post
+    else:
+        if out is None:
+            raise ValueError("epilogue NONE / LEAKY_RELU2_GRAD needs an out buffer")
+        _check_output(out, "out", (M, N), device)
+        if epilogue == EPILOGUE_LEAKY_RELU2_GRAD:
+            _check_output(pre, "pre", (M, N), device)
+            if split_k > 1:
+                raise ValueError("split-K is not supported with the LEAKY_RELU2_GRAD epilogue")
+        elif epilogue != EPILOGUE_NONE:
+            raise ValueError(f"unknown epilogue {epilogue!r}")
+    if scale is not None:
+        check_tensor(scale, "scale", ndim=1, device=device, contiguous=True)
+        if scale.shape[0] != N:
+            raise ValueError(f"scale must have N = {N} entries, got {scale.shape[0]}")
+
+    if config is None:
+        config = default_config(M, N, K, int5=int5_k is not None)
+    if int5_k is not None and config.block_k != INT5_GROUP:
+        raise ValueError(f"INT5 configs need block_k = {INT5_GROUP}")
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty splits
+    even_k = K % config.block_k == 0
+    pre_arg = pre if pre is not None else out
+    post_arg = post if post is not None else out
+    scale_arg = scale if scale is not None else out
+    if split_k > 1:
+        target = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
+    else:
+        target = out
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
+    _gemm_kernel[grid](
+        a, b, target, pre_arg, post_arg, scale_arg,
+        M, N, K, k_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        A_LEAKY=a_leaky, B_LEAKY=b_leaky, B_INT5=int5_k is not None,
+        EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
+        SPLIT_K=split_k, EVEN_K=even_k, UPCAST=INTERPRET,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split_k > 1:
+        _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
+            target, out, pre_arg, post_arg, scale_arg, M * N, N,
+            SPLIT_K=split_k, EPILOGUE=epilogue, ROW_SCALE=scale is not None,
+            STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=INTERPRET, BLOCK=_REDUCE_BLOCK,
+        )
+    return out, pre, post

@@ -1,0 +1,90 @@
+"""K1: the fused LeakyReLU² MLP (kernels/mlp.py) against a float64 reference, forward and all
+three gradients, in fp32 and bf16; the custom op's registration (opcheck, torch.compile)."""
+import pytest
+import torch
+from helpers import DEVICE, rel_err, requires_cuda
+
+from recycore.kernels import leaky_relu2_mlp, leaky_relu2_mlp_reference
+from recycore.kernels._common import INTERPRET
+
+# bf16: the interpreter truncates fp32 -> bf16 casts (pre, post, outputs) instead of rounding
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if INTERPRET else 1e-2}
+
+
+def _inputs(lead, d, h, dtype, weight_dtype=torch.float32):
+    u = torch.randn(*lead, d, device=DEVICE, dtype=dtype).requires_grad_()
+    # orthogonal-like scale: pre ~ N(0, 1), so about half of it takes the 0.5 slope
+    w_up = (torch.randn(h, d, device=DEVICE) / d**0.5).to(weight_dtype).requires_grad_()
+    w_down = (torch.randn(d, h, device=DEVICE) / h**0.5).to(weight_dtype).requires_grad_()
+    return u, w_up, w_down
+
+
+def _check_against_float64(u, w_up, w_down, tol):
+    out = leaky_relu2_mlp(u, w_up, w_down)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (u, w_up, w_down), d_out)
+    # The function computed: the weights as cast to u's dtype, everything else in float64.
+    ref_inputs = [t.detach().to(u.dtype).double().requires_grad_() for t in (u, w_up, w_down)]
+    ref = leaky_relu2_mlp_reference(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, d_out.double())
+    pre = ref_inputs[0].detach() @ ref_inputs[1].detach().t()
+    assert 0.3 < (pre < 0).double().mean() < 0.7  # both slopes of leaky_relu² exercised
+    assert out.dtype == u.dtype and out.shape == u.shape
+    assert rel_err(out, ref) < tol
+    for name, g, g_ref, x in zip(("du", "dW_up", "dW_down"), grads, ref_grads, (u, w_up, w_down)):
+        assert g.dtype == x.dtype, name
+        assert rel_err(g, g_ref) < tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_gradients(dtype):
+    # M = 3 * 13 = 39 rows (odd), d = 40 and h = 72: ragged against the 32-blocks of the interpreter
+    _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
+
+
+def test_bf16_weights_give_bf16_grads():
+    _check_against_float64(*_inputs((29,), 48, 80, torch.bfloat16, torch.bfloat16), TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    u, w_up, w_down = _inputs((21,), 40, 72, dtype)
+    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down))
+    pre = torch.randn(21, 72, device=DEVICE, dtype=dtype)
+    d_out = torch.randn(21, 40, device=DEVICE, dtype=dtype)
+    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp_backward,
+                          (d_out, u.detach(), w_up.detach(), w_down.detach(), pre))
+
+
+def test_torch_compile_fullgraph():
+    u, w_up, w_down = _inputs((2, 17), 40, 72, torch.float32)
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"  # no C++ toolchain needed on CPU
+    compiled = torch.compile(lambda *x: leaky_relu2_mlp(*x).sum(), fullgraph=True, backend=backend)
+    loss = compiled(u, w_up, w_down)
+    grads = torch.autograd.grad(loss, (u, w_up, w_down))
+    ref_loss = leaky_relu2_mlp_reference(u, w_up, w_down).sum()
+    ref_grads = torch.autograd.grad(ref_loss, (u, w_up, w_down))
+    assert rel_err(loss, ref_loss) < 1e-5
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    u, w_up, w_down = (t.detach() for t in _inputs((5,), 40, 72, torch.float32))
+    with pytest.raises(ValueError, match="does not match w_up"):
+        leaky_relu2_mlp(u[:, :39].contiguous(), w_up, w_down)
+    with pytest.raises(ValueError, match="w_down must be"):
+        leaky_relu2_mlp(u, w_up, w_down.t().contiguous())
+    with pytest.raises(ValueError, match="contiguous"):
+        leaky_relu2_mlp(u, w_up, w_down.t().contiguous().t())
+    with pytest.raises(TypeError, match="u must be one of"):
+        leaky_relu2_mlp(u.to(torch.int64), w_up, w_down)
+    if DEVICE.type == "cuda":
+        with pytest.raises(ValueError, match="other inputs are on"):
+            leaky_relu2_mlp(u, w_up.cpu(), w_down)
+
+
+@requires_cuda
+def test_seed_shapes_bf16():
+    """M = 48 x 2048 = 98,304 rows, d = 512, h = 1536: the configs the seed runs (split-K included)."""
+    _check_against_float64(*_inputs((48, 2048), 512, 1536, torch.bfloat16), TOL[torch.bfloat16])
