@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from recycore.kernels._common import INTERPRET, check_tensor
 
@@ -616,16 +617,32 @@ def xsa_gate_reference(o, v, gate_logits, xsa: bool):
     return o * torch.sigmoid(gate_logits).unsqueeze(-1).to(o.dtype)
 
 
-def _sdpa_core(q, k, v):
-    """Causal GQA SDPA on (B,T,H,D) views; returns O as a (B,T,H,D) view."""
+# SDPA core of the "sdpa_fused" path: backend priority and whether kv heads are expanded to H
+# (in case the preferred backend refuses enable_gqa); chosen on the H200 (benchmarks/NOTES_K2.md).
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+SDPA_EXPAND_KV = False
+
+
+def _sdpa_gqa(q, k, v):
+    """Plain causal GQA SDPA on (B,T,H,D) views (backend as the caller's context picks); O as (B,T,H,D)."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
+                                       is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
     return o.transpose(1, 2)
+
+
+def _sdpa_core(q, k, v):
+    """The "sdpa_fused" path's core: SDPA_BACKENDS by priority, kv heads expanded if SDPA_EXPAND_KV."""
+    group = q.shape[2] // k.shape[2]
+    if SDPA_EXPAND_KV and group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+        return _sdpa_gqa(q, k, v)
 
 
 def gated_xsa_attention_reference(q, k, v, gate_logits, xsa: bool):
     """Plain torch: SDPA core, then XSA exactly like SPEC, then the gate."""
-    return xsa_gate_reference(_sdpa_core(q, k, v), v, gate_logits, xsa)
+    return xsa_gate_reference(_sdpa_gqa(q, k, v), v, gate_logits, xsa)
 
 
 # Measured on the H200 at B=48 H=8 Hkv=4 T=2048 D=64 (benchmarks/NOTES_K2.md).
