@@ -146,7 +146,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bn, stride_bk,
     A_LEAKY: tl.constexpr, B_LEAKY: tl.constexpr, B_INT5: tl.constexpr,
     EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share B tiles while they are hot in L2.
@@ -196,7 +196,7 @@ def _gemm_kernel(
 
     offs = offs_m[:, None] * N + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:  # raw fp32 partial into this split's workspace slice
+    if WRITE_PARTIALS:  # split-K: raw fp32 partial into this split's workspace slice
         tl.store(out_ptr + tl.program_id(1) * M * N + offs, acc, mask=mask)
     else:
         if ROW_SCALE:
@@ -206,14 +206,14 @@ def _gemm_kernel(
 
 @triton.jit
 def _splitk_reduce_kernel(
-    ws_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, MN, N,
-    SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr,
+    ws_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, MN, N, split_k,
+    EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
+    for split in range(split_k):
         acc += tl.load(ws_ptr + split * MN + offs, mask=mask, other=0.0)
     if ROW_SCALE:
         acc = acc * tl.load(scale_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -305,15 +305,15 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         A_LEAKY=a_leaky, B_LEAKY=b_leaky, B_INT5=int5_k is not None,
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
-        SPLIT_K=split_k, EVEN_K=even_k, UPCAST=INTERPRET,
+        WRITE_PARTIALS=split_k > 1, EVEN_K=even_k, UPCAST=INTERPRET,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
-            target, out, pre_arg, post_arg, scale_arg, M * N, N,
-            SPLIT_K=split_k, EPILOGUE=epilogue, ROW_SCALE=scale is not None,
+            target, out, pre_arg, post_arg, scale_arg, M * N, N, split_k,
+            EPILOGUE=epilogue, ROW_SCALE=scale is not None,
             STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=INTERPRET, BLOCK=_REDUCE_BLOCK,
         )
     return out, pre, post
