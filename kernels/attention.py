@@ -33,14 +33,16 @@ LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, chosen on the H200 for D=64
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, PACK_GQA]) per kernel, chosen on the H200 for D=64
 # (benchmarks/NOTES_K2.md). Forward/dQ need BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0.
-FWD_CONFIG = (128, 64, 4, 3)
+# PACK_GQA: one forward/dQ tile holds BLOCK_M positions of every query head of a kv group, so the
+# group's heads share each K/V tile (dK/dV always loops over the group's heads).
+FWD_CONFIG = (128, 64, 4, 3, False)
 DKDV_CONFIG = (64, 128, 8, 3)
-DQ_CONFIG = (128, 64, 8, 3)
+DQ_CONFIG = (128, 64, 8, 3, False)
 EPILOGUE_BLOCK_M = 64
 if INTERPRET:  # every program-tile step costs ~5 ms in the interpreter: few, small tiles
-    FWD_CONFIG = DKDV_CONFIG = DQ_CONFIG = (32, 32, 4, 1)
+    FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG = (32, 32, 4, 1, True), (32, 32, 4, 1), (32, 32, 4, 1, False)
     EPILOGUE_BLOCK_M = 32
 
 
@@ -104,11 +106,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if DIAGONAL:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # the scale goes into the max of the row and into one FMA before exp2
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -117,40 +120,47 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
 
 
 @triton.jit
+def _packed_rows(pid_bg, H, T, start_m, GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of a tile of HEADS query heads (1, or the whole GQA group, which then shares each K/V tile)
+    x BLOCK_M positions: returns (batch, kv head, each row's head, each row's position)."""
+    n_head_blocks = H // HEADS
+    b = (pid_bg // n_head_blocks).to(tl.int64)
+    h0 = (pid_bg % n_head_blocks) * HEADS
+    offs_r = tl.arange(0, HEADS * BLOCK_M)
+    return b, h0 // GROUP, h0 + offs_r // BLOCK_M, start_m + offs_r % BLOCK_M
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, G, Y, O, LSE,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
                      T, H, qk_scale,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, XSA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # the longest (most diagonal-distant) query blocks first, for a better tail
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    kv_h = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    b, kv_h, h, offs_m = _packed_rows(tl.program_id(1), H, T, start_m, GROUP, HEADS, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    start_m = pid_m * BLOCK_M
+    m_i = tl.full([HEADS * BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS * BLOCK_M], tl.float32)
+    acc = tl.zeros([HEADS * BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                     0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                     start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
                                     HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PRECISION)
     o = acc / l_i[:, None]
-    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(LSE + (b * H + h) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
     row_off = ((b * T + offs_m) * H + h) * HEAD_DIM  # O and Y are contiguous (B,T,H,D)
     tl.store(O + row_off[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -344,34 +354,31 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh,
                         T, H, sm_scale, qk_scale,
-                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ of one query block; DO and DQ contiguous (B,T,H,D), LSE and DELTA (B,H,T)."""
+    """dQ of one query block of HEADS heads; DO and DQ contiguous (B,T,H,D), LSE and DELTA (B,H,T)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    kv_h = h // GROUP
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, kv_h, h, offs_m = _packed_rows(tl.program_id(1), H, T, start_m, GROUP, HEADS, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     row = (b * T + offs_m) * H + h
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.zeros([HEADS * BLOCK_M, HEAD_DIM], tl.float32)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
                             qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                            tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PRECISION)
+                            tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
+                            DOT_PRECISION)
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -410,19 +417,20 @@ def _attention_forward(q, k, v, gate_logits, xsa, config=None):
     _check_attention_inputs(q, k, v, gate_logits)
     q, k, v, gate_logits = (_d_contiguous(t) for t in (q, k, v, gate_logits))
     B, T, H, D = q.shape
-    block_m, block_n, warps, stages = config or FWD_CONFIG
+    block_m, block_n, warps, stages, pack_gqa = config or FWD_CONFIG
+    heads = H // k.shape[2] if pack_gqa else 1
     y = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     o = torch.empty_like(y)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if y.numel() == 0:
         return y, o, lse
-    grid = (triton.cdiv(T, block_m), B * H)
+    grid = (triton.cdiv(T, block_m), B * H // heads)
     _attn_fwd_kernel[grid](
         q, k, v, gate_logits, y, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), gate_logits.stride(0), gate_logits.stride(1), gate_logits.stride(2),
         T, H, LOG2E / math.sqrt(D),
-        GROUP=H // k.shape[2], HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
+        GROUP=H // k.shape[2], HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     return y, o, lse
@@ -468,10 +476,11 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages = dq_config or DQ_CONFIG
-    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+    block_m, block_n, warps, stages, pack_gqa = dq_config or DQ_CONFIG
+    heads = group if pack_gqa else 1
+    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H // heads)](
         q, k, v, do, lse, delta, dq, *strides, T, H, sm_scale, sm_scale * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET,
+        GROUP=group, HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET,
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     return dq, dk, dv, dg
