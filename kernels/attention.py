@@ -206,11 +206,13 @@ def _xsa_gate_fwd_kernel(O, V, G, Y,
 @triton.jit
 def _xsa_gate_bwd_kernel(DY, O, V, G, DO, DG, DV, DELTA,
                          stride_dyb, stride_dyt, stride_dyh, stride_ob, stride_ot, stride_oh,
+                         stride_dob, stride_dot, stride_doh,
                          stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
                          T, H_KV, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          XSA: tl.constexpr, WRITE_DELTA: tl.constexpr):
     """One program per (query block, kv head): the group's heads in turn, dv summed in registers.
-    Writes dO and DV (B,T,H,D)/(B,T,Hkv,D) contiguous, dg (B,T,H) contiguous, delta (B,H,T)."""
+    Writes dO (strided like O, so an SDPA backward needs no copy), DV (B,T,Hkv,D) contiguous,
+    dg (B,T,H) contiguous, delta (B,H,T)."""
     pid_m = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // H_KV).to(tl.int64)
@@ -234,7 +236,8 @@ def _xsa_gate_bwd_kernel(DY, O, V, G, DO, DG, DV, DELTA,
         g = tl.load(G + b * stride_gb + offs_m * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
         do, dg, dv_h = _xsa_gate_grad(dy, o, v_self, g, XSA)
         row = (b * T + offs_m) * H + h
-        tl.store(DO + row[:, None] * HEAD_DIM + offs_d[None, :], do.to(DO.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 do.to(DO.dtype.element_ty), mask=row_ok[:, None])
         tl.store(DG + row, dg.to(DG.dtype.element_ty), mask=row_ok)
         if WRITE_DELTA:
             tl.store(DELTA + (b * H + h) * T + offs_m, tl.sum(do * o, axis=1), mask=row_ok)
@@ -440,7 +443,7 @@ def _xsa_gate_backward(dy, o, v, gate_logits, xsa, *, delta=None, dv_dtype=None)
     """Launch the epilogue backward: returns (dO, dv_self or None, dg); fills delta (B,H,T) when given."""
     B, T, H, D = o.shape
     h_kv = v.shape[2]
-    do = torch.empty((B, T, H, D), device=o.device, dtype=o.dtype)
+    do = torch.empty_like(o)  # O's layout: an SDPA core's backward takes it without a copy
     dg = torch.empty((B, T, H), device=o.device, dtype=gate_logits.dtype)
     dv = torch.empty((B, T, h_kv, D), device=o.device, dtype=dv_dtype or v.dtype) if xsa else None
     if do.numel() == 0:
@@ -449,6 +452,7 @@ def _xsa_gate_backward(dy, o, v, gate_logits, xsa, *, delta=None, dv_dtype=None)
     _xsa_gate_bwd_kernel[grid](
         dy, o, v, gate_logits, do, dg, dv if xsa else do, delta if delta is not None else dg,
         dy.stride(0), dy.stride(1), dy.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
         v.stride(0), v.stride(1), v.stride(2), gate_logits.stride(0), gate_logits.stride(1), gate_logits.stride(2),
         T, h_kv, GROUP=H // h_kv, HEAD_DIM=D, BLOCK_M=EPILOGUE_BLOCK_M, XSA=xsa, WRITE_DELTA=delta is not None)
     return do, dv, dg
@@ -461,6 +465,7 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
     h_kv = k.shape[2]
     group = H // h_kv
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    o = o.contiguous()  # dK/dV and dQ read dO with the contiguous (B,T,H,D) layout O has
     do, dv_self, dg = _xsa_gate_backward(dy, o, v, gate_logits, xsa, delta=delta, dv_dtype=torch.float32)
     dq = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, T, h_kv, D), device=q.device, dtype=k.dtype)
@@ -584,7 +589,7 @@ def _xsa_gate_backward_op(dy: torch.Tensor, o: torch.Tensor, v: torch.Tensor, ga
 
 @_xsa_gate_backward_op.register_fake
 def _(dy, o, v, gate_logits, xsa):
-    return o.new_empty(o.shape), v.new_empty(v.shape), gate_logits.new_empty(gate_logits.shape)
+    return torch.empty_like(o), v.new_empty(v.shape), gate_logits.new_empty(gate_logits.shape)
 
 
 def _xsa_gate_setup_context(ctx, inputs, output):

@@ -82,6 +82,8 @@ def test_xsa_gate_bf16_strided_o():
     o = torch.randn(2, 4, 45, 64, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     _, _, v, g = _inputs(2, 45, 4, 2, 64, torch.bfloat16)
     _check_against_reference(xsa_gate, xsa_gate_reference, [o, v, g], torch.bfloat16, xsa=True)
+    d_o = attn._xsa_gate_backward_op(torch.randn_like(o), o.detach(), v.detach(), g.detach(), True)[0]
+    assert d_o.stride() == o.stride()  # the core's backward gets dO in O's layout, without a copy
 
 
 def test_xsa_gate_zero_value_vector():
