@@ -105,8 +105,7 @@ def _int5_seed_rows(t32: Tensor) -> tuple[Tensor, Tensor]:
     """The seed's search: one clip quantile for the whole matrix, the one with the
     lowest mean squared error (the first on ties)."""
     best = None
-    for p in INT5_CLIP_QUANTILES:
-        clip = torch.quantile(t32.abs(), p, dim=1) if p < 1.0 else t32.abs().amax(dim=1)
+    for clip in _clip_candidates(t32.abs(), INT5_CLIP_QUANTILES):
         scale = (clip / INT5_MAX).clamp_min(1.0 / INT5_MAX).to(torch.float16)
         q = _round_clamp(t32, scale.float()[:, None], INT5_MAX)
         err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
@@ -115,14 +114,22 @@ def _int5_seed_rows(t32: Tensor) -> tuple[Tensor, Tensor]:
     return best[1], best[2]
 
 
+def _clip_candidates(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
+    """(K, rows): per row of `a` (= |w|) the given quantiles, 1.0 meaning the row max.
+    One torch.quantile call for all of them (bit-identical to one call per quantile:
+    torch turns a scalar q into a float32 tensor too)."""
+    probs = [p for p in quantiles if p < 1.0]
+    rows = [torch.quantile(a, torch.tensor(probs, dtype=a.dtype), dim=1)] if probs else []
+    if 1.0 in quantiles:
+        rows.append(a.amax(dim=1)[None])
+    return torch.cat(rows)
+
+
 def _rowmse_clip_candidates(t32: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     """(K, rows) clip values: the given quantiles of |w| per row and fractions of the row max."""
     a = t32.abs()
-    amax = a.amax(dim=1)
-    probs = torch.tensor([p for p in quantiles if p < 1.0], dtype=torch.float32)
-    from_quantiles = torch.quantile(a, probs, dim=1) if len(probs) else a.new_empty(0, a.shape[0])
-    fractions = torch.tensor((*ROWMSE_CLIP_FRACTIONS, 1.0), dtype=torch.float32)[:, None] * amax[None, :]
-    return torch.cat((from_quantiles, fractions))
+    fractions = torch.tensor(ROWMSE_CLIP_FRACTIONS, dtype=torch.float32)[:, None] * a.amax(dim=1)[None, :]
+    return torch.cat((_clip_candidates(a, (*quantiles, 1.0)), fractions))
 
 
 def _best_clip_per_row(t32: Tensor, clips: Tensor, qmax: int) -> tuple[Tensor, Tensor]:

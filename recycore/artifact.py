@@ -1,0 +1,317 @@
+"""The int5 artifact (SPEC.md §4): export, load, the 16 MB budget, and the
+`recycore export` / `recycore eval` commands.
+
+Container (the seed's): lzma(preset 9) of torch.save({"w": tensors, "m": formats, ...})
+with recycore.quant's names and formats. We add two keys the seed's loader never
+reads: "config" (the model fields of the Config) and "scheme" (the quantiser).
+Seed-written artifacts have neither; their config comes from flags/env.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import lzma
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from recycore import quant
+from recycore.config import MODEL_FIELDS, Config
+from recycore.quant import ArtifactError
+
+BUDGET_BYTES = 16_000_000
+LZMA_PRESET = 9
+CODE_PACKAGES = ("recycore", "recycore.kernels")
+
+
+# ---------------------------------------------------------------------------
+# Code size
+# ---------------------------------------------------------------------------
+def code_files() -> list[Path]:
+    """The .py sources of recycore/ and its kernels (kernels/): what a user must ship."""
+    import importlib.util
+
+    files = []
+    for package in CODE_PACKAGES:
+        spec = importlib.util.find_spec(package)  # does not import recycore.kernels (nor triton)
+        for folder in spec.submodule_search_locations:
+            files += sorted(p for p in Path(folder).rglob("*.py") if "__pycache__" not in p.parts)
+    return files
+
+
+def code_sizes() -> dict[str, int]:
+    """raw: the bytes of the sources (how the seed counted its script); lzma: an
+    xz-compressed tar of them (a file one could ship instead)."""
+    files = code_files()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for path in files:
+            data = path.read_bytes()
+            info = tarfile.TarInfo(f"{path.parent.name}/{path.name}")
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return {"raw": sum(p.stat().st_size for p in files), "lzma": len(lzma.compress(buf.getvalue(), preset=LZMA_PRESET)),
+            "files": len(files)}
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+def model_template(cfg: Config) -> dict[str, Tensor]:
+    """The banked state dict of GPT(cfg) as meta tensors (names, shapes, dtypes; no memory)."""
+    from recycore.model import GPT
+
+    with torch.device("meta"):
+        return GPT(cfg).state_dict()
+
+
+def check_state_dict(state_dict: dict[str, Tensor], cfg: Config) -> None:
+    """A clear error when the state dict does not fit GPT(cfg)."""
+    template = model_template(cfg)
+    missing = [name for name in template if name not in state_dict]
+    extra = [name for name in state_dict if name not in template]
+    if missing or extra:
+        raise ValueError(f"the state dict does not fit the config's model: "
+                         + (f"missing {missing[0]} ({len(missing)} missing) " if missing else "")
+                         + (f"unexpected {extra[0]} ({len(extra)} unexpected)" if extra else ""))
+    for name, ref in template.items():
+        if tuple(state_dict[name].shape) != tuple(ref.shape):
+            raise ValueError(f"{name} has shape {tuple(state_dict[name].shape)} but the config's model has "
+                             f"{tuple(ref.shape)}")
+
+
+def model_config_dict(cfg: Config) -> dict:
+    values = cfg.to_dict()
+    return {name: values[name] for name in MODEL_FIELDS}
+
+
+def serialize_artifact(state_dict: dict[str, Tensor], cfg: Config, scheme: str = "seed") -> bytes:
+    """The artifact's bytes for a banked state dict."""
+    check_state_dict(state_dict, cfg)
+    flat = quant.unbank_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, cfg.num_layers)
+    w, m = quant.quantize_state_dict(flat, scheme)
+    buf = io.BytesIO()  # a buffer, as the seed: torch.save names the zip's folder after a file
+    torch.save({"w": w, "m": m, "config": model_config_dict(cfg), "scheme": scheme}, buf)
+    return lzma.compress(buf.getvalue(), preset=LZMA_PRESET)
+
+
+def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: str = "seed",
+                    code_size: str = "raw") -> dict:
+    """Write the artifact -> dict(model_bytes, code_bytes, total_bytes, ...); code_bytes is
+    the raw source size unless code_size="lzma"."""
+    blob = serialize_artifact(state_dict, cfg, scheme)
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    sizes = code_sizes()
+    code_bytes = sizes[code_size]
+    return {"path": str(path), "scheme": scheme, "model_bytes": len(blob), "code_bytes": code_bytes,
+            "code_size": code_size, "code_bytes_raw": sizes["raw"], "code_bytes_lzma": sizes["lzma"],
+            "code_files": sizes["files"], "total_bytes": len(blob) + code_bytes, "budget_bytes": BUDGET_BYTES}
+
+
+# ---------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------
+def read_artifact(path) -> dict:
+    """The artifact's top-level dict, with clear errors for a missing, truncated or
+    corrupted file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {path} does not exist")
+    blob = path.read_bytes()
+    try:
+        raw = lzma.decompress(blob)
+    except lzma.LZMAError as exc:
+        raise ArtifactError(f"artifact {path} is not a complete LZMA stream ({exc}); "
+                            "the file is truncated or corrupted") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a damaged container; all mean the same here
+        raise ArtifactError(f"artifact {path} decompresses but is not a torch.save container "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("w"), dict) or not isinstance(obj.get("m"), dict):
+        raise ArtifactError(f"artifact {path} lacks the 'w' (tensors) and 'm' (formats) dicts")
+    return obj
+
+
+def artifact_config(obj: dict, cfg: Config | None) -> Config:
+    """The artifact's model fields over `cfg` (or the defaults); `cfg` alone for a
+    seed artifact, which carries no config."""
+    stored = obj.get("config")
+    if stored is None:
+        if cfg is None:
+            raise ArtifactError("the artifact carries no config (a seed artifact): give the model's config "
+                                "(flags such as --num-layers 11, or the seed's env variables)")
+        return cfg
+    if not isinstance(stored, dict) or set(stored) - set(MODEL_FIELDS):
+        raise ArtifactError(f"the artifact's config is malformed: {stored!r:.200}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    try:
+        return (cfg or Config()).replace(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"the artifact's config is invalid: {exc}") from None
+
+
+def load_artifact(path, cfg: Config | None = None) -> tuple[dict[str, Tensor], Config, dict]:
+    """-> (dequantised banked state dict for GPT(cfg).load_state_dict, cfg, info)."""
+    obj = read_artifact(path)
+    cfg = artifact_config(obj, cfg)
+    template = model_template(cfg)
+    flat_template = quant.unbank_state_dict(template, cfg.num_layers)
+    try:
+        flat = quant.dequantize_state_dict(obj["w"], obj["m"], flat_template)
+    except ArtifactError as exc:
+        raise ArtifactError(f"artifact {path}: {exc}") from None
+    state_dict = quant.rebank_state_dict(flat, cfg.num_layers, template)
+    info = {"formats": obj["m"], "scheme": obj.get("scheme", "seed (no scheme recorded)"),
+            "has_config": "config" in obj, "model_bytes": Path(path).stat().st_size}
+    return state_dict, cfg, info
+
+
+# ---------------------------------------------------------------------------
+# `recycore export`
+# ---------------------------------------------------------------------------
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a training checkpoint (a dict with 'model' and 'config') or a plain "
+                        "state dict (the config then comes from the flags/env)")
+    parser.add_argument("-o", "--output", default="final_model.int5.ptz", help="the artifact to write")
+    parser.add_argument("--scheme", choices=quant.SCHEMES, default="seed",
+                        help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip")
+    parser.add_argument("--state-key", default="model", help="the checkpoint entry holding the weights")
+    parser.add_argument("--code-size", choices=("raw", "lzma"), default="raw",
+                        help="count the sources raw (as the seed counted its script) or as an xz tarball")
+    parser.add_argument("--allow-over-budget", action="store_true", help="exit 0 even above 16,000,000 bytes")
+    Config.add_arguments(parser)
+
+
+def load_checkpoint(path, state_key: str, args: argparse.Namespace) -> tuple[dict[str, Tensor], Config]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # Our own training output: it may hold optimizer/RNG state that weights_only refuses.
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    if state_key in obj and isinstance(obj[state_key], dict):
+        state_dict = obj[state_key]
+        cfg = Config.from_args(args)
+        if isinstance(obj.get("config"), dict):
+            stored = {k: v for k, v in obj["config"].items() if k in MODEL_FIELDS}
+            cfg = cfg.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    elif all(isinstance(v, Tensor) for v in obj.values()):
+        state_dict, cfg = obj, Config.from_args(args)
+    else:
+        raise ValueError(f"checkpoint {path} has no {state_key!r} state dict (keys: {', '.join(map(str, obj))})")
+    # torch.compile wraps the module: strip its prefix
+    state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    return state_dict, cfg
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    state_dict, cfg = load_checkpoint(args.checkpoint, args.state_key, args)
+    start = time.perf_counter()
+    result = export_artifact(state_dict, cfg, args.output, scheme=args.scheme, code_size=args.code_size)
+    over = result["total_bytes"] - BUDGET_BYTES
+    print(f"artifact {result['path']} (scheme {args.scheme}, {time.perf_counter() - start:.1f}s)")
+    print(f"  model bytes: {result['model_bytes']:>12,}")
+    print(f"  code bytes:  {result['code_bytes']:>12,}  ({args.code_size}; {result['code_files']} files: "
+          f"raw {result['code_bytes_raw']:,}, xz tarball {result['code_bytes_lzma']:,})")
+    print(f"  total:       {result['total_bytes']:>12,}  of {BUDGET_BYTES:,} "
+          + (f"-> OVER by {over:,}" if over > 0 else f"-> {-over:,} to spare"))
+    if over > 0 and not args.allow_over_budget:
+        print(f"recycore export: error: the artifact plus code is {over:,} bytes over the budget "
+              "(written anyway; --allow-over-budget accepts it)", file=sys.stderr)
+        sys.exit(1)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# `recycore eval`
+# ---------------------------------------------------------------------------
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", help="an int5 artifact (ours or the seed's)")
+    parser.add_argument("--mode", choices=("both", "standard", "sliding"), default="both",
+                        help="standard: non-overlapping windows; sliding: stride EVAL_STRIDE (the headline)")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (rank 0)")
+    Config.add_arguments(parser)
+
+
+def build_eval_model(state_dict: dict[str, Tensor], cfg: Config, device) -> torch.nn.Module:
+    """GPT(cfg) with the dequantised weights, in eval mode on `device`. (An int5-direct
+    model, which keeps the packed weights, will be the other way to build it.)"""
+    from recycore.model import GPT
+
+    model = GPT(cfg)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+def _explicit_model_fields(args: argparse.Namespace) -> set[str]:
+    return {name for name in MODEL_FIELDS if getattr(args, name, None) is not None or name.upper() in os.environ}
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from recycore.data import load_validation_tokens
+    from recycore.evaluate import build_byte_tables, evaluate_sliding, evaluate_standard, load_tokenizer
+
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        requested = Config.from_args(args)
+        state_dict, cfg, info = load_artifact(args.artifact, requested)
+        for name in sorted(_explicit_model_fields(args)):
+            if getattr(cfg, name) != getattr(requested, name):
+                say(f"note: {name.upper()}={getattr(requested, name)} ignored; the artifact's model has "
+                    f"{getattr(cfg, name)}")
+        say(f"artifact {args.artifact}: {info['model_bytes']:,} bytes, scheme {info['scheme']}, "
+            f"{cfg.num_layers} layers x {cfg.model_dim}, device {device}, world size {world_size}")
+        model = build_eval_model(state_dict, cfg, device)
+        logits_fn = model.forward_logits
+        if cfg.compile_model and device.type == "cuda":
+            logits_fn = torch.compile(logits_fn, dynamic=False)
+        tables = build_byte_tables(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size)
+        val_tokens = load_validation_tokens(cfg.data_path, cfg.eval_seq_len, cfg.val_max_tokens)
+        say(f"validation: {val_tokens.numel() - 1:,} target tokens, seq_len {cfg.eval_seq_len}")
+        results = {"artifact": str(args.artifact), "scheme": info["scheme"], "model_bytes": info["model_bytes"],
+                   "val_tokens": val_tokens.numel() - 1, "world_size": world_size, "device": str(device)}
+        runs = []
+        if args.mode in ("both", "standard"):
+            runs.append(("standard", lambda: evaluate_standard(
+                logits_fn, val_tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, device, rank, world_size,
+                progress=True)))
+        if args.mode in ("both", "sliding"):
+            runs.append(("sliding", lambda: evaluate_sliding(
+                logits_fn, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, device,
+                rank, world_size, progress=True)))
+        for name, run in runs:
+            start = time.perf_counter()
+            val_loss, val_bpb = run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            results[name] = {"val_loss": val_loss, "val_bpb": val_bpb, "eval_seconds": seconds}
+            label = "int5 roundtrip" if name == "standard" else f"int5 sliding window (stride {cfg.eval_stride})"
+            say(f"{label}: val_loss {val_loss:.6f} val_bpb {val_bpb:.6f} eval_time {seconds * 1000:.0f}ms")
+        if args.json and rank == 0:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return results
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
