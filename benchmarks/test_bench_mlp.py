@@ -6,8 +6,10 @@ h = 1536, bf16 activations, fp32 master weights), forward and forward+backward:
 TFLOP/s count the GEMMs: 2 * 2*M*d*h forward, 6 * 2*M*d*h forward+backward.
 
 `python benchmarks/test_bench_mlp.py OUT_DIR` sweeps block configs and split-K for each of the six
-GEMMs, times the alternatives of each (post stored vs recomputed, Triton vs cuBLAS), prints the
-table and writes OUT_DIR/k1_sweep.json.
+GEMMs, times the alternatives of each (post stored vs recomputed, Triton vs cuBLAS), keeps the best
+configs (OUT_DIR/k1_best.json), profiles our forward+backward and times ours and the bare cuBLAS
+GEMMs with them (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` then times ours (with
+k1_best.json) against the max-autotune baseline in a fresh process (OUT_DIR/k1_baseline.json).
 """
 import json
 import os
@@ -89,14 +91,100 @@ def test_bench_mlp(benchmark, name, backward):
 # ----------------------------------------------------------------------------------------------
 # Sweep (one GPU call): every GEMM of the MLP over block configs / split-K / alternatives -> JSON
 # ----------------------------------------------------------------------------------------------
-def _candidate_configs():
-    from recycore.kernels.gemm import GemmConfig
+# The variant of each GEMM that leaky_relu2_mlp runs (the others are alternatives, for the notes).
+OUR_VARIANTS = {"up": "pre", "down": "a_leaky(pre)", "d_pre": "grad epilogue", "du": "plain",
+                "dw_down": "b_leaky(pre)", "dw_up": "plain"}
+
+
+def precompile(worker, cases, processes=12):
+    """Compile the Triton kernels behind `cases` in parallel processes. `worker(cases)` (a
+    module-level function) runs each case once on small tensors with the same specialisation as
+    the timed ones (sizes and strides divisible by 16, the same constexprs), which fills Triton's
+    on-disk cache; the timing process then only loads the binaries. Returns the errors."""
+    import multiprocessing
+
+    chunks = [cases[i::processes] for i in range(processes) if cases[i::processes]]
+    with multiprocessing.get_context("spawn").Pool(len(chunks)) as pool:
+        return [error for errors in pool.map(worker, chunks) for error in errors]
+
+
+def run_cases(tensors, make_call, cases):
+    errors = []
+    for case in cases:
+        try:
+            make_call(tensors, *case)()
+        except Exception as exc:  # recorded; the timing pass reports it again
+            errors.append(f"{case}: {type(exc).__name__}: {str(exc)[:160]}")
+    torch.cuda.synchronize()
+    return errors
+
+
+def _k1_tensors(M, d, h):
+    bf16 = dict(device=DEVICE, dtype=torch.bfloat16)
+    t = {"u": torch.randn(M, d, **bf16), "w_up": (torch.randn(h, d, device=DEVICE) / d**0.5).bfloat16(),
+         "w_down": (torch.randn(d, h, device=DEVICE) / h**0.5).bfloat16(), "d_out": torch.randn(M, d, **bf16),
+         "out": torch.empty(M, d, **bf16), "du": torch.empty(M, d, **bf16),
+         "dw_up": torch.empty(h, d, device=DEVICE), "dw_down": torch.empty(d, h, device=DEVICE)}
+    t["pre"], t["post"], t["d_pre"] = (torch.empty(M, h, **bf16) for _ in range(3))
+    return t
+
+
+def _k1_call(t, role, variant, config, split_k):
+    """The GEMM `role` of the MLP as `variant` with `config` (None: cuBLAS) on tensors t."""
+    from recycore.kernels.gemm import EPILOGUE_LEAKY_RELU2, EPILOGUE_LEAKY_RELU2_GRAD, gemm
+
+    if config is None:
+        a, b, out = {"up": ("u", "w_up", "pre"), "down": ("post", "w_down", "out"),
+                     "d_pre": ("d_out", "w_down", "d_pre"), "du": ("d_pre", "w_up", "du"),
+                     "dw_down": ("d_out", "post", "dw_down"), "dw_up": ("d_pre", "u", "dw_up")}[role]
+        a, b, out = t[a], t[b], t[out]
+        a = a.t() if role.startswith("dw") else a
+        b = b.t() if role in ("up", "down") else b
+        out = out.bfloat16() if role.startswith("dw") else out  # cuBLAS writes the GEMM's dtype
+        return lambda: torch.mm(a, b, out=out)
+    kw = dict(config=config)
+    if role == "up":
+        post = t["post"] if variant == "pre+post" else None
+        return lambda: gemm(t["u"], t["w_up"], pre=t["pre"], post=post, epilogue=EPILOGUE_LEAKY_RELU2, **kw)
+    if role == "down":
+        leaky = variant == "a_leaky(pre)"
+        return lambda: gemm(t["pre" if leaky else "post"], t["w_down"], out=t["out"], a_leaky=leaky, **kw)
+    if role == "d_pre":
+        return lambda: gemm(t["d_out"], t["w_down"].t(), out=t["d_pre"], pre=t["pre"],
+                            epilogue=EPILOGUE_LEAKY_RELU2_GRAD, **kw)
+    if role == "du":
+        return lambda: gemm(t["d_pre"], t["w_up"].t(), out=t["du"], **kw)
+    if role == "dw_down":
+        leaky = variant == "b_leaky(pre)"
+        return lambda: gemm(t["d_out"].t(), t["pre" if leaky else "post"].t(), out=t["dw_down"], b_leaky=leaky,
+                            split_k=split_k, **kw)
+    return lambda: gemm(t["d_pre"].t(), t["u"].t(), out=t["dw_up"], split_k=split_k, **kw)
+
+
+def _k1_cases():
+    from recycore.kernels.gemm import GemmConfig, default_split_k
 
     big_m = [GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 4), GemmConfig(256, 128, 64, 8, 8, 3),
              GemmConfig(128, 128, 64, 8, 4, 4), GemmConfig(128, 128, 64, 8, 8, 4), GemmConfig(128, 128, 128, 8, 8, 3)]
     weight_grad = [GemmConfig(128, 128, 64, 8, 4, 4), GemmConfig(128, 128, 64, 8, 8, 4),
                    GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(256, 128, 64, 8, 8, 3)]
-    return big_m, weight_grad
+    cases = []
+    for c in big_m:
+        cases += [("up", "pre", c, 1), ("down", "a_leaky(pre)", c, 1), ("d_pre", "grad epilogue", c, 1),
+                  ("du", "plain", c, 1)]
+    for c in big_m[:2]:
+        cases += [("up", "pre+post", c, 1), ("down", "plain(post)", c, 1)]
+    for c in weight_grad:
+        split = default_split_k(SEED_D, SEED_H, SEED_M, c, torch.device(DEVICE))
+        for s in sorted({max(2, split // 2), split, 2 * split}):
+            cases += [("dw_down", "b_leaky(pre)", c, s), ("dw_up", "plain", c, s)]
+        cases.append(("dw_down", "plain(post)", c, split))
+    return cases
+
+
+def _k1_worker(cases):
+    # Small sizes with the seed's divisibility (and K a multiple of every block_k): same binaries.
+    return run_cases(_k1_tensors(1024, 128, 384), _k1_call, cases)
 
 
 def _ms(fn):
@@ -107,111 +195,123 @@ def _ms(fn):
     return do_bench(fn, warmup=10, rep=80, return_mode="median")
 
 
+def _dump(report, out_dir, name):
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+
+
+def _time_contenders(report, names, out_dir, name):
+    contenders = report.setdefault("contenders", {})
+    for backward in (False, True):
+        inputs = make_inputs(requires_grad=backward)
+        for impl in names:
+            key = f"{impl} {'fwd+bwd' if backward else 'fwd'}"
+            try:
+                start = time.perf_counter()
+                step = _step(impl, inputs, backward)
+                step()
+                torch.cuda.synchronize()
+                row = {"first_call_s": time.perf_counter() - start, "ms": _ms(step)}
+                row["tflops"] = (6 if backward else 2) * GEMM_FLOPS / row["ms"] / 1e9
+            except Exception as exc:
+                row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            contenders[key] = row
+            _dump(report, out_dir, name)
+            print(key, row, flush=True)
+    for key, row in contenders.items():
+        impl, what = key.split()
+        ratios = [f"{contenders[f'{base} {what}']['ms'] / row['ms']:.2f}x vs {base}"
+                  for base in ("max_autotune", "cublas_gemms_only")
+                  if "ms" in row and "ms" in contenders.get(f"{base} {what}", {})]
+        print(f"{key:28s} {row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):5.0f} TF  {'  '.join(ratios)}")
+
+
+def _apply_best(best):
+    from recycore.kernels import mlp
+    from recycore.kernels.gemm import GemmConfig
+
+    for role, fields in best.items():
+        mlp.SEED_CONFIGS[role] = GemmConfig(**fields)
+
+
 def sweep(out_dir):
+    import dataclasses
+
     import triton
 
     from recycore.kernels import mlp
-    from recycore.kernels.gemm import EPILOGUE_LEAKY_RELU2, EPILOGUE_LEAKY_RELU2_GRAD, default_split_k, gemm
 
     os.makedirs(out_dir, exist_ok=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "rows": []}
+    cases = _k1_cases()
+    start = time.perf_counter()
+    report["precompile_errors"] = precompile(_k1_worker, cases)
+    report["precompile_s"] = time.perf_counter() - start
+    print(f"precompiled {len(cases)} cases in {report['precompile_s']:.1f} s", report["precompile_errors"], flush=True)
 
-    def record(role, variant, config, fn, split_k=None):
-        row = {"role": role, "variant": variant, "config": str(config), "split_k": split_k}
+    torch.manual_seed(0)
+    t = _k1_tensors(SEED_M, SEED_D, SEED_H)
+    _k1_call(t, "up", "pre+post", mlp.SEED_CONFIGS["up"], 1)()  # pre and post hold real values
+    cublas = [(role, "cublas", None, 1) for role in OUR_VARIANTS]
+    for role, variant, config, split_k in cases + cublas:
+        row = {"role": role, "variant": variant, "config": config, "split_k": split_k}
         try:
-            row["ms"] = _ms(fn)
+            row["ms"] = _ms(_k1_call(t, role, variant, config, split_k))
             row["tflops"] = GEMM_FLOPS / row["ms"] / 1e9
         except Exception as exc:  # a config that does not compile / fit is recorded, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         report["rows"].append(row)
-        with open(os.path.join(out_dir, "k1_sweep.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"{role:8s} {variant:26s} {str(config):70s} split={split_k} "
-              f"{row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):6.0f} TF {row.get('error', '')}", flush=True)
-
-    torch.manual_seed(0)
-    M, d, h = SEED_M, SEED_D, SEED_H
-    u = torch.randn(M, d, device=DEVICE, dtype=torch.bfloat16)
-    w_up32, w_down32 = torch.randn(h, d, device=DEVICE) / d**0.5, torch.randn(d, h, device=DEVICE) / h**0.5
-    w_up, w_down = w_up32.bfloat16(), w_down32.bfloat16()
-    pre, post, d_pre = (torch.empty(M, h, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    out, du, d_out = torch.empty_like(u), torch.empty_like(u), torch.randn_like(u)
-    gemm(u, w_up, pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2)
-    dw_up, dw_down = torch.empty(h, d, device=DEVICE), torch.empty(d, h, device=DEVICE)
-    big_m, weight_grad = _candidate_configs()
-
-    for c in big_m:
-        record("up", "pre", c, lambda: gemm(u, w_up, pre=pre, epilogue=EPILOGUE_LEAKY_RELU2, config=c))
-        record("down", "a_leaky(pre)", c, lambda: gemm(pre, w_down, out=out, a_leaky=True, config=c))
-        record("d_pre", "grad epilogue", c, lambda: gemm(d_out, w_down.t(), out=d_pre, pre=pre,
-                                                         epilogue=EPILOGUE_LEAKY_RELU2_GRAD, config=c))
-        record("du", "plain", c, lambda: gemm(d_pre, w_up.t(), out=du, config=c))
-    for c in big_m[:2]:
-        record("up", "pre+post", c, lambda: gemm(u, w_up, pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2, config=c))
-        record("down", "plain(post)", c, lambda: gemm(post, w_down, out=out, config=c))
-    for c in weight_grad:
-        s = default_split_k(d, h, M, c, u.device)
-        for split in sorted({max(1, s // 2), s, 2 * s}):
-            record("dw_down", "b_leaky(pre)", c, lambda: gemm(d_out.t(), pre.t(), out=dw_down, b_leaky=True,
-                                                              config=c, split_k=split), split)
-            record("dw_up", "plain", c, lambda: gemm(d_pre.t(), u.t(), out=dw_up, config=c, split_k=split), split)
-        record("dw_down", "plain(post)", c, lambda: gemm(d_out.t(), post.t(), out=dw_down, config=c, split_k=s), s)
-    w_up_t, w_down_t = w_up.t(), w_down.t()
-    record("up", "cublas", None, lambda: torch.mm(u, w_up_t, out=pre))
-    record("down", "cublas(post)", None, lambda: torch.mm(post, w_down_t, out=out))
-    record("d_pre", "cublas(no epilogue)", None, lambda: torch.mm(d_out, w_down, out=d_pre))
-    record("du", "cublas", None, lambda: torch.mm(d_pre, w_up, out=du))
-    dw_up_bf, dw_down_bf = dw_up.bfloat16(), dw_down.bfloat16()
-    record("dw_down", "cublas(post)", None, lambda: torch.mm(d_out.t(), post, out=dw_down_bf))
-    record("dw_up", "cublas", None, lambda: torch.mm(d_pre.t(), u, out=dw_up_bf))
-    record("cast", "2 weights fp32->bf16", None, lambda: (w_up32.bfloat16(), w_down32.bfloat16()))
-
-    # Where the time of our forward+backward goes, kernel by kernel.
-    u.requires_grad_(), w_up32.requires_grad_(), w_down32.requires_grad_()
-    step = lambda: torch.autograd.grad(mlp.leaky_relu2_mlp(u, w_up32, w_down32), (u, w_up32, w_down32), d_out)  # noqa: E731
-    step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    report["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-    print(report["profile"])
-
-    # The pytest benchmark's contenders side by side (max-autotune's compile timed on its own).
-    contenders = report["contenders"] = {}
-    for backward in (False, True):
-        inputs = make_inputs(requires_grad=backward)
-        for name in ("ours", "cublas_gemms_only", "max_autotune"):
-            key = f"{name} {'fwd+bwd' if backward else 'fwd'}"
-            try:
-                start = time.perf_counter()
-                step = _step(name, inputs, backward)
-                step()
-                torch.cuda.synchronize()
-                contenders[key] = {"first_call_s": time.perf_counter() - start, "ms": _ms(step)}
-                contenders[key]["tflops"] = (6 if backward else 2) * GEMM_FLOPS / contenders[key]["ms"] / 1e9
-            except Exception as exc:
-                contenders[key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            with open(os.path.join(out_dir, "k1_sweep.json"), "w") as f:
-                json.dump(report, f, indent=1)
-            print(key, contenders[key], flush=True)
+        _dump(report, out_dir, "k1_sweep.json")
+        print(f"{role:8s} {variant:14s} {str(config):95s} split={split_k:<3d} {row.get('ms', float('nan')):.4f} ms "
+              f"{row.get('tflops', 0):4.0f} TF {row.get('error', '')}", flush=True)
 
     best = {}
     for row in report["rows"]:
         key = (row["role"], row["variant"])
         if "ms" in row and (key not in best or row["ms"] < best[key]["ms"]):
             best[key] = row
-    report["best"] = {f"{r} / {v}": row for (r, v), row in best.items()}
-    with open(os.path.join(out_dir, "k1_sweep.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print("\nbest per GEMM and variant (SEED_CONFIGS now:", {k: str(v) for k, v in mlp.SEED_CONFIGS.items()}, ")")
+    print("\nbest per GEMM and variant:")
     for (role, variant), row in sorted(best.items()):
-        print(f"{role:8s} {variant:26s} {row['ms']:.4f} ms {row['tflops']:5.0f} TF  {row['config']} split={row['split_k']}")
-    for key, row in contenders.items():
-        base = contenders.get(key.replace(key.split()[0], "max_autotune"), {}).get("ms")
-        ratio = f"  {base / row['ms']:.2f}x vs max-autotune" if "ms" in row and base else ""
-        print(f"{key:28s} {row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):5.0f} TF{ratio}")
+        print(f"{role:8s} {variant:14s} {row['ms']:.4f} ms {row['tflops']:4.0f} TF  {row['config']} split={row['split_k']}")
+    chosen = {}
+    for role, variant in OUR_VARIANTS.items():
+        row = best[(role, variant)]
+        fields = dataclasses.asdict(row["config"])
+        fields["split_k"] = row["split_k"] if role.startswith("dw") else 0
+        chosen[role] = fields
+    report["chosen"] = chosen
+    _dump(chosen, out_dir, "k1_best.json")
+    _apply_best(chosen)
+
+    # Where the time of our forward+backward goes, kernel by kernel, with the chosen configs.
+    u, w_up, w_down = make_inputs(requires_grad=True)
+    d_out = torch.randn_like(u)
+
+    def step():
+        torch.autograd.grad(mlp.leaky_relu2_mlp(u, w_up, w_down), (u, w_up, w_down), d_out)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    report["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    print(report["profile"])
+    _time_contenders(report, ("ours", "cublas_gemms_only"), out_dir, "k1_sweep.json")
+
+
+def baseline(out_dir):
+    import triton
+
+    with open(os.path.join(out_dir, "k1_best.json")) as f:
+        _apply_best(json.load(f))
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    torch.manual_seed(0)
+    _time_contenders(report, ("ours", "cublas_gemms_only", "max_autotune"), out_dir, "k1_baseline.json")
 
 
 if __name__ == "__main__":
-    sweep(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    out = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
+    if "--baseline" in sys.argv:
+        baseline(out)
+    else:
+        sweep(out)

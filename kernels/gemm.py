@@ -54,6 +54,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 0  # for callers that split K: 0 = default_split_k's choice
 
 
 # The interpreter costs ~5 ms per program-tile step whatever the tile: one config, few big steps.
@@ -75,7 +76,7 @@ def default_config(M, N, K, int5=False):
 
 
 @lru_cache(maxsize=None)
-def _num_sms(device_index):
+def num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -86,7 +87,7 @@ def default_split_k(M, N, K, config, device):
         return 1
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     max_split = max(1, K // (4 * config.block_k))
-    return max(1, min(max_split, (4 * _num_sms(device.index or 0)) // tiles))
+    return max(1, min(max_split, (4 * num_sms(device.index or 0)) // tiles))
 
 
 # ----------------------------------------------------------------------------------------------

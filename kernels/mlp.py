@@ -53,7 +53,8 @@ def _weight_grad(a, b, out, role, d, h, **prologue):
     M, K = a.shape
     N = b.shape[0]
     config = _config(role, M, N, K, d, h)
-    gemm(a, b, out=out, config=config, split_k=default_split_k(M, N, K, config, a.device), **prologue)
+    split_k = config.split_k or default_split_k(M, N, K, config, a.device)
+    gemm(a, b, out=out, config=config, split_k=split_k, **prologue)
     return out
 
 

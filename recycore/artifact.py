@@ -185,42 +185,67 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="final_model.int5.ptz", help="the artifact to write")
     parser.add_argument("--scheme", choices=quant.SCHEMES, default="seed",
                         help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip")
-    parser.add_argument("--state-key", default="model", help="the checkpoint entry holding the weights")
+    parser.add_argument("--weights", choices=("auto", "model", "ema", "swa"), default="auto",
+                        help="auto: the seed's rule (SWA average if >1 snapshot, else EMA), as training exports")
     parser.add_argument("--code-size", choices=("raw", "lzma"), default="raw",
                         help="count the sources raw (as the seed counted its script) or as an xz tarball")
     parser.add_argument("--allow-over-budget", action="store_true", help="exit 0 even above 16,000,000 bytes")
     Config.add_arguments(parser)
 
 
-def load_checkpoint(path, state_key: str, args: argparse.Namespace) -> tuple[dict[str, Tensor], Config]:
+def select_weights(ckpt: dict, weights: str) -> tuple[dict[str, Tensor], str]:
+    """The state dict to export from a training checkpoint. "auto" is the seed's rule
+    (the SWA average when it has more than one snapshot, else the EMA, else the live
+    weights); "model", "ema" and "swa" pick one. Averages come back in the live dtypes."""
+    live = ckpt.get("model")
+    swa = ckpt.get("swa")
+    has_swa = isinstance(swa, dict) and int(swa.get("count", 0)) > 1
+    if weights == "auto":
+        weights = "swa" if has_swa else "ema" if isinstance(ckpt.get("ema"), dict) else "model"
+    if weights == "swa":
+        if not has_swa:
+            raise ValueError("the checkpoint has no SWA average (fewer than two snapshots)")
+        chosen = {k: v / swa["count"] for k, v in swa["sum"].items()}
+    else:
+        chosen = ckpt.get(weights)
+    if not isinstance(chosen, dict):
+        raise ValueError(f"the checkpoint has no {weights!r} state dict (keys: {', '.join(map(str, ckpt))})")
+    if isinstance(live, dict):
+        chosen = {k: v.to(live[k].dtype) if k in live else v for k, v in chosen.items()}
+    return chosen, weights
+
+
+def load_checkpoint(path, weights: str, args: argparse.Namespace) -> tuple[dict[str, Tensor], Config, str]:
+    """(state dict, config, which weights) from a training checkpoint (a dict with "model",
+    "config" and maybe "ema"/"swa") or a plain state dict (config from flags/env)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    # Our own training output: it may hold optimizer/RNG state that weights_only refuses.
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # our own training output: it holds optimizer/RNG state that weights_only refuses
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
-    if state_key in obj and isinstance(obj[state_key], dict):
-        state_dict = obj[state_key]
-        cfg = Config.from_args(args)
+    cfg = Config.from_args(args)
+    if all(isinstance(v, Tensor) for v in obj.values()):
+        state_dict, weights = obj, "state dict"
+    else:
+        state_dict, weights = select_weights(obj, weights)
         if isinstance(obj.get("config"), dict):
             stored = {k: v for k, v in obj["config"].items() if k in MODEL_FIELDS}
             cfg = cfg.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-    elif all(isinstance(v, Tensor) for v in obj.values()):
-        state_dict, cfg = obj, Config.from_args(args)
-    else:
-        raise ValueError(f"checkpoint {path} has no {state_key!r} state dict (keys: {', '.join(map(str, obj))})")
     # torch.compile wraps the module: strip its prefix
-    state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    return state_dict, cfg
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}, cfg, weights
 
 
 def run_export(args: argparse.Namespace) -> dict:
-    state_dict, cfg = load_checkpoint(args.checkpoint, args.state_key, args)
+    state_dict, cfg, weights = load_checkpoint(args.checkpoint, args.weights, args)
     start = time.perf_counter()
     result = export_artifact(state_dict, cfg, args.output, scheme=args.scheme, code_size=args.code_size)
     over = result["total_bytes"] - BUDGET_BYTES
-    print(f"artifact {result['path']} (scheme {args.scheme}, {time.perf_counter() - start:.1f}s)")
+    print(f"artifact {result['path']} ({weights} weights, scheme {args.scheme}, "
+          f"{time.perf_counter() - start:.1f}s)")
     print(f"  model bytes: {result['model_bytes']:>12,}")
     print(f"  code bytes:  {result['code_bytes']:>12,}  ({args.code_size}; {result['code_files']} files: "
           f"raw {result['code_bytes_raw']:,}, xz tarball {result['code_bytes_lzma']:,})")

@@ -251,3 +251,16 @@ def test_eval_of_a_broken_artifact_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "not a complete LZMA stream" in err and "Traceback" not in err
+
+
+def test_checkpoint_weights_follow_the_seeds_rule():
+    live = {"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.ones(3)}
+    ema = {"a": torch.full((2,), 2.0), "b": torch.full((3,), 2.0)}
+    swa = {"sum": {"a": torch.full((2,), 9.0), "b": torch.full((3,), 9.0)}, "count": 3}
+    chosen, which = artifact.select_weights({"model": live, "ema": ema, "swa": swa}, "auto")
+    assert which == "swa" and chosen["a"].dtype == torch.bfloat16 and chosen["b"].tolist() == [3.0] * 3
+    chosen, which = artifact.select_weights({"model": live, "ema": ema, "swa": {**swa, "count": 1}}, "auto")
+    assert which == "ema" and chosen["a"].tolist() == [2.0, 2.0] and chosen["a"].dtype == torch.bfloat16
+    assert artifact.select_weights({"model": live, "ema": None, "swa": None}, "auto")[1] == "model"
+    with pytest.raises(ValueError, match="no SWA average"):
+        artifact.select_weights({"model": live, "ema": ema, "swa": None}, "swa")
