@@ -159,8 +159,8 @@ def sweep(out_dir, shape=SEED_SHAPE, seq_lens=(2048, 1024, 4096)):
     attn = importlib.import_module("recycore.kernels.attention")
     start = time.time()
 
-    report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-              "sweep": {}, "paths": {}}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "sweep": {}, "paths": {}}
     os.makedirs(out_dir, exist_ok=True)
 
     def dump():  # after every stage, so a timed-out run still leaves its figures

@@ -672,6 +672,9 @@ def attention(q, k, v, gate_logits, xsa: bool, impl: str = "auto"):
     if impl == "auto":
         impl = AUTO_CUDA_IMPL if q.is_cuda else "reference"
     if impl == "triton":
+        if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (norms may give fp32)
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return gated_xsa_attention(q, k, v, gate_logits, xsa)
     if impl == "sdpa_fused":
         return xsa_gate(_sdpa_core(q, k, v), v, gate_logits, xsa)

@@ -101,6 +101,18 @@ def test_dispatcher(impl):
                              torch.float32, xsa=True)
 
 
+@pytest.mark.parametrize("impl", ["triton", "sdpa_fused"])
+def test_dispatcher_under_autocast_with_mixed_input_dtypes(impl):
+    # under bf16 autocast a norm may hand over fp32 k while q is bf16: both paths compute in bf16
+    q, k, v, g = _inputs(1, 40, 4, 2, 16, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = attention(q.bfloat16(), k, v, g, True, impl=impl)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, gated_xsa_attention_reference(q, k, v, g, True)) < 2e-2
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, g))
+
+
 def test_dispatcher_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         attention(*_inputs(1, 4, 2, 1, 16, torch.float32), xsa=True, impl="flash3")
@@ -192,6 +204,8 @@ def test_bad_inputs():
         xsa_gate(q, v[:, :, :1].expand(1, 8, 3, 16), g, True)
     with pytest.raises(ValueError, match="gate_logits"):
         xsa_gate(q, v, g[:1, :4], True)
+    with pytest.raises(TypeError, match="o must be"):
+        xsa_gate(q.long(), v, g, True)
     other_device = "cpu" if q.is_cuda else "meta"
     with pytest.raises(ValueError, match="k is on"):
         attn._attention_forward(q, k.to(other_device), v, g, True)
