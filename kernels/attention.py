@@ -394,6 +394,12 @@ def _dot_precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+def _packed_heads(pack_gqa, group, block_m):
+    """Query heads per forward/dQ tile: the whole kv group when packing keeps the tile <= 128 rows
+    (the measured 2 x 64; larger tiles would spill registers), else one."""
+    return group if pack_gqa and group * block_m <= 128 else 1
+
+
 def _d_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -421,7 +427,7 @@ def _attention_forward(q, k, v, gate_logits, xsa, config=None):
     q, k, v, gate_logits = (_d_contiguous(t) for t in (q, k, v, gate_logits))
     B, T, H, D = q.shape
     block_m, block_n, warps, stages, pack_gqa = config or FWD_CONFIG
-    heads = H // k.shape[2] if pack_gqa else 1
+    heads = _packed_heads(pack_gqa, H // k.shape[2], block_m)
     y = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     o = torch.empty_like(y)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
@@ -482,7 +488,7 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     block_m, block_n, warps, stages, pack_gqa = dq_config or DQ_CONFIG
-    heads = group if pack_gqa else 1
+    heads = _packed_heads(pack_gqa, group, block_m)
     _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H // heads)](
         q, k, v, do, lse, delta, dq, *strides, T, H, sm_scale, sm_scale * LOG2E,
         GROUP=group, HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET,
