@@ -7,7 +7,9 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
 - either operand may pass through the prologue `x -> leaky_relu(x, 0.5)^2` (A_LEAKY / B_LEAKY):
   the MLP stores only `pre` and recomputes `post` in registers where a GEMM reads it;
 - the weight loader (B) is a constexpr choice: BF16 (any float dtype, plain strided loads) or
-  INT5 (packed words unpacked in registers, see "INT5 layout");
+  INT5 (packed words unpacked in registers, see "INT5 layout"); with INT5 the tile product is
+  computed transposed, C^T = B A^T, so that the unpacked weight is the MMA's register operand
+  (wgmma reads A from registers, B only from shared memory) and the MMAs stay asynchronous;
 - the epilogue is a constexpr choice, after an optional ROW_SCALE (column n times scale[n], the
   scale of weight row n): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
   `pre` and/or `post = leaky_relu(pre, 0.5)^2`), LEAKY_RELU2_GRAD (C is d_post: store
@@ -102,16 +104,16 @@ def _leaky_relu2(x):
 
 @triton.jit
 def _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """The (INT5_GROUP, BLOCK_N) tile of q = u - 15 for k in [k0, k0 + 128), in bf16 (fp32 under
+    """The (BLOCK_N, INT5_GROUP) tile of q = u - 15 for k in [k0, k0 + 128), in bf16 (fp32 under
     UPCAST); weight row n starts at b_ptr + n * stride_bn (see the module doc for the layout)."""
     r = tl.arange(0, 16)
-    group = b_ptr + offs_n[None, :] * stride_bn + (k0 // 128) * 20  # (1, BLOCK_N)
-    nibbles = tl.load(group + r[:, None], mask=mask_n[None, :], other=0)  # (16, BLOCK_N)
-    high = tl.load(group + 16 + r[:, None] // 4, mask=mask_n[None, :], other=0)
-    high = high >> ((r[:, None] % 4) * 8)  # bit s of `high` is now bit 4 of value 16*s + r
-    s = tl.arange(0, 8)[:, None, None]
-    u = ((nibbles[None, :, :] >> (s * 4)) & 15) | (((high[None, :, :] >> s) & 1) << 4)  # (8, 16, BLOCK_N)
-    u = tl.reshape(u, (128, BLOCK_N))  # row 16*s + r: value k0 + 16*s + r
+    group = b_ptr + offs_n[:, None] * stride_bn + (k0 // 128) * 20  # (BLOCK_N, 1)
+    nibbles = tl.load(group + r[None, :], mask=mask_n[:, None], other=0)  # (BLOCK_N, 16)
+    high = tl.load(group + 16 + r[None, :] // 4, mask=mask_n[:, None], other=0)
+    high = high >> ((r[None, :] % 4) * 8)  # bit s of `high` is now bit 4 of value 16*s + r
+    s = tl.arange(0, 8)[None, :, None]
+    u = ((nibbles[:, None, :] >> (s * 4)) & 15) | (((high[:, None, :] >> s) & 1) << 4)  # (BLOCK_N, 8, 16)
+    u = tl.reshape(u, (BLOCK_N, 128))  # column 16*s + r: value k0 + 16*s + r
     q = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # bf16 128 + u, exact
     if UPCAST:
         return q.to(tl.float32) - 143.0
@@ -167,7 +169,10 @@ def _gemm_kernel(
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if B_INT5:  # y^T = W x^T: the unpacked weight is the MMA's register operand, no smem round trip
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -182,7 +187,8 @@ def _gemm_kernel(
             a = _leaky_relu2(a)
         if B_INT5:
             # Values past K are padding (q = 0) or masked out of A: no K mask needed.
-            b = _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N, UPCAST).to(a.dtype)
+            w = _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N, UPCAST).to(a.dtype)
+            acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
         else:
             b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
             if EVEN_K:
@@ -193,7 +199,9 @@ def _gemm_kernel(
                 b = b.to(tl.float32)
             if B_LEAKY:
                 b = _leaky_relu2(b)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if B_INT5:
+        acc = tl.trans(acc)
 
     offs = offs_m[:, None] * N + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]

@@ -35,10 +35,10 @@ SEED_D, SEED_H = 512, 1536
 SEED_CONFIGS = {
     "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
     "down": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+    "d_pre": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
     "du": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    "dw_down": GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4),
-    "dw_up": GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4),
+    "dw_down": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
+    "dw_up": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
 }
 
 

@@ -1,0 +1,195 @@
+"""K3: int5 dequant-matmul, y = (x @ q^T) * s, for evaluating the int5 artifact with the weights
+kept packed on the GPU (5 bits per weight + one fp16 scale per output row).
+
+- The artifact layout (SPEC §4: values q + 15 in groups of 8 as little-endian 40-bit words) is
+  transcoded once at load time (`transcode_artifact`) into the GPU layout of gemm.py ("INT5
+  layout": per row, groups of 128 values in 20 int32 words — 16 nibble words + 4 high-bit words),
+  losslessly and still 5 bits per weight (rows padded to a multiple of 128 values).
+- Both regimes run the shared GEMM template with the INT5 weight loader (q unpacked in registers
+  to bf16, exact for -15..15), fp32 accumulation, and the ROW_SCALE epilogue (+ LEAKY_RELU2):
+  M > SMALL_M_MAX (sliding-window eval, e.g. 65,536 rows): large tiles, the epilogue fused;
+  M <= SMALL_M_MAX (decoding-style, 1..64 rows): a skinny split-K GEMM whose fp32 partials are
+  summed, scaled and activated by the split-K reduction kernel.
+- `int5_linear` is a torch.library custom op with a fake impl (eval only, not differentiable);
+  `Int5Linear.from_artifact` builds the module from the artifact's bytes, scales and shape.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from recycore.kernels._common import INTERPRET, check_tensor
+from recycore.kernels.gemm import (
+    EPILOGUE_LEAKY_RELU2,
+    EPILOGUE_NONE,
+    INT5_GROUP,
+    INT5_GROUP_WORDS,
+    INTERPRET_INT5_CONFIG,
+    GemmConfig,
+    gemm,
+    num_sms,
+)
+
+INT5_MAX = 15
+SMALL_M_MAX = 64
+ACTIVATIONS = ("none", "leaky_relu2")
+
+# Measured on the H200 (benchmarks/NOTES_K1_K3.md) at the model's weight shapes. block_n (weight rows)
+# is the M side of the MMA (y^T = W x^T, see gemm.py).
+LARGE_M_CONFIG = GemmConfig(128, 128, INT5_GROUP, group_m=8, num_warps=8, num_stages=3)
+SMALL_M_BLOCK_N = 32
+SMALL_M_PROGRAMS_PER_SM = 2  # split K until about this many programs per SM stream the weight
+
+
+def _large_m_config():
+    return INTERPRET_INT5_CONFIG if INTERPRET else LARGE_M_CONFIG
+
+
+def _small_m_config(M):
+    if INTERPRET:
+        return INTERPRET_INT5_CONFIG
+    return GemmConfig(max(16, triton.next_power_of_2(M)), SMALL_M_BLOCK_N, INT5_GROUP, group_m=1, num_warps=4,
+                      num_stages=3)
+
+
+def _small_m_split_k(N, K, device):
+    """Skinny GEMMs are bound by reading the weight: split K so that enough programs stream it."""
+    if device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(N, SMALL_M_BLOCK_N)
+    return max(1, min(triton.cdiv(K, INT5_GROUP), SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts (plain torch, run once at load time)
+# ----------------------------------------------------------------------------------------------
+def _to_int32(words):
+    """int64 values in [0, 2^32) -> the int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_gpu_layout(u: Tensor) -> Tensor:
+    """(rows, cols) codes u = q + 15 in [0, 30] -> (rows, groups * 20) int32 words (gemm.py's INT5 layout)."""
+    rows, cols = u.shape
+    groups = triton.cdiv(cols, INT5_GROUP)
+    u = F.pad(u.to(torch.int64), (0, groups * INT5_GROUP - cols), value=INT5_MAX)  # pad with q = 0
+    grid = u.view(rows, groups, 8, 16)  # [s, r] = value 16*s + r of the group
+    nibble_shift = 4 * torch.arange(8, device=u.device).view(8, 1)
+    nibble_words = ((grid & 15) << nibble_shift).sum(dim=2)  # (rows, groups, 16): word r
+    r = torch.arange(16, device=u.device)
+    high_shift = (8 * (r % 4)).view(1, 16) + torch.arange(8, device=u.device).view(8, 1)  # bit 8*(r%4) + s
+    high_bits = (((grid >> 4) & 1) << high_shift).view(rows, groups, 8, 4, 4).sum(dim=(2, 4))  # word r // 4
+    words = torch.cat([nibble_words, high_bits], dim=2)
+    return _to_int32(words).view(rows, groups * INT5_GROUP_WORDS)
+
+
+def unpack_gpu_layout(words: Tensor, cols: int) -> Tensor:
+    """The inverse of pack_gpu_layout: (rows, cols) int64 codes u in [0, 30]."""
+    rows = words.shape[0]
+    w = (words.to(torch.int64) & 0xFFFFFFFF).view(rows, -1, INT5_GROUP_WORDS)
+    s = torch.arange(8, device=words.device).view(8, 1)
+    r = torch.arange(16, device=words.device).view(1, 16)
+    nibbles = (w[:, :, None, :16] >> (4 * s)) & 15  # (rows, groups, 8, 16)
+    high = (w[:, :, 16 + r // 4] >> (8 * (r % 4) + s)) & 1
+    return (nibbles | (high << 4)).view(rows, -1)[:, :cols]
+
+
+def transcode_artifact(packed: Tensor, rows: int, cols: int) -> Tensor:
+    """The artifact's int5 bytes (SPEC §4) of a (rows, cols) matrix -> the GPU layout words."""
+    check_tensor(packed, "packed bytes", ndim=1, dtypes=(torch.uint8,))
+    expected = triton.cdiv(rows * cols, 8) * 5
+    if packed.numel() != expected:
+        raise ValueError(f"int5 bytes of a ({rows}, {cols}) matrix must number {expected}, got {packed.numel()}")
+    words40 = (packed.to(torch.int64).view(-1, 5) << (8 * torch.arange(5, device=packed.device))).sum(dim=1)
+    u = (words40[:, None] >> (5 * torch.arange(8, device=packed.device))) & 31  # value j at bits 5j..5j+4
+    u = u.flatten()[: rows * cols].view(rows, cols)
+    if u.numel() and int(u.max()) > 2 * INT5_MAX:
+        raise ValueError(f"int5 bytes hold code {int(u.max())} > 30: not an int5 artifact tensor")
+    return pack_gpu_layout(u)
+
+
+# ----------------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(x, packed, scales, out_features, in_features, activation):
+    check_tensor(x, "x", dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor(packed, "packed", ndim=2, dtypes=(torch.int32,), device=x.device, contiguous=True)
+    check_tensor(scales, "scales", ndim=1, dtypes=(torch.float16, torch.float32), device=x.device, contiguous=True)
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x (..., in_features) = {tuple(x.shape)} does not have in_features = {in_features}")
+    words = (out_features, triton.cdiv(in_features, INT5_GROUP) * INT5_GROUP_WORDS)
+    if tuple(packed.shape) != words:
+        raise ValueError(f"packed must be the GPU layout {words} of an ({out_features}, {in_features}) weight "
+                         f"(see transcode_artifact), got {tuple(packed.shape)}")
+    if scales.shape[0] != out_features:
+        raise ValueError(f"scales must have out_features = {out_features} entries, got {scales.shape[0]}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@torch.library.custom_op("recycore::int5_linear", mutates_args=())
+def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
+                 activation: str) -> Tensor:
+    """x (M, in_features) -> (M, out_features) in x's dtype."""
+    M = x.shape[0]
+    y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
+    leaky = activation == "leaky_relu2"
+    outputs = dict(post=y, epilogue=EPILOGUE_LEAKY_RELU2) if leaky else dict(out=y, epilogue=EPILOGUE_NONE)
+    if M <= SMALL_M_MAX:
+        config, split_k = _small_m_config(M), _small_m_split_k(out_features, in_features, x.device)
+    else:
+        config, split_k = _large_m_config(), 1
+    gemm(x, packed, scale=scales, int5_k=in_features, config=config, split_k=split_k, **outputs)
+    return y
+
+
+@_int5_linear.register_fake
+def _(x, packed, scales, out_features, in_features, activation):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
+                activation: Optional[str] = None) -> Tensor:
+    """y = (x @ q^T) * s (then leaky_relu(y, 0.5)^2 if activation == "leaky_relu2").
+
+    x (..., in_features) float; packed: the (out_features, in_features) int5 weight in the GPU layout
+    (`transcode_artifact` / `pack_gpu_layout`); scales (out_features,) fp16. Eval only (no autograd).
+    """
+    activation = activation or "none"
+    _check_inputs(x, packed, scales, out_features, in_features, activation)
+    x2 = x.reshape(-1, in_features)
+    y = torch.ops.recycore.int5_linear(x2, packed, scales, out_features, in_features, activation)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def int5_linear_reference(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
+                          activation: Optional[str] = None) -> Tensor:
+    """Plain torch: dequantise w = q * s to x's dtype, F.linear (then the activation)."""
+    q = unpack_gpu_layout(packed, in_features) - INT5_MAX
+    y = F.linear(x, (q.float() * scales.float()[:, None]).to(x.dtype))
+    return F.leaky_relu(y, 0.5).square() if activation == "leaky_relu2" else y
+
+
+class Int5Linear(torch.nn.Module):
+    """A linear layer (no bias) whose weight stays int5-packed in the GPU layout; eval only."""
+
+    def __init__(self, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
+                 activation: Optional[str] = None):
+        super().__init__()
+        self.out_features, self.in_features, self.activation = out_features, in_features, activation
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales.to(torch.float16))
+
+    @classmethod
+    def from_artifact(cls, packed_bytes: Tensor, scales: Tensor, shape, activation: Optional[str] = None):
+        """From the artifact's int5 entry: uint8 bytes, fp16 per-row scales, (rows, cols)."""
+        rows, cols = (int(n) for n in shape)
+        return cls(transcode_artifact(packed_bytes, rows, cols), scales, rows, cols, activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int5_linear(x, self.packed, self.scales, self.out_features, self.in_features, self.activation)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
