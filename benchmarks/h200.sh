@@ -1,27 +1,45 @@
 #!/usr/bin/env bash
-# One device call = one run of this script: `bash benchmarks/h200.sh STAGE...`.
-# Stages: setup tests kernels model profile train2 (see below). Each stage logs to
-# $OUT/<stage>.log and carries on after a failure; a summary table prints last.
+# One device call = one run of this script: `bash benchmarks/h200.sh STAGE...` from the repo root.
+# Stages: tests model train (see below). Everything logs to $OUT/all.log; a summary prints last.
+#
+# The lent H200 cannot `pip install -e .` (setuptools re-runs pip with build isolation, which needs the
+# network), so recycore runs from a symlink tree on PYTHONPATH: recycore/* plus kernels/ as
+# recycore/kernels, with the working directory outside the repo so ./recycore does not shadow it.
 set -u
+R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$R/.cache/inductor}
+P=/tmp/recycore_path; rm -rf "$P"; mkdir -p "$P/recycore"
+for f in "$R"/recycore/*; do ln -s "$f" "$P/recycore/"; done
+ln -s "$R/kernels" "$P/recycore/kernels"
+export PYTHONPATH=$P
+mkdir -p /tmp/recycore_work && cd /tmp/recycore_work || exit 1
+LOG=$OUT/all.log
 declare -a SUMMARY
-stage() {  # stage NAME COMMAND...
-  local name=$1; shift
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  echo "=== $name: $*"
-  "$@" > >(tee "$OUT/$name.log") 2>&1
-  local rc=$?
-  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("$(printf '%-8s rc=%-4s %4ss' "$name" "$rc" "$((SECONDS - start))")")
 }
+python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)" | tee -a "$LOG"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
+DEMO=(--data-path "$R/data/datasets/demo_sp1024" --tokenizer-path "$R/data/tokenizers/demo_1024_bpe.model")
 for s in "$@"; do
   case $s in
-    setup) stage setup bash -c 'python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv' ;;
-    tests) stage tests python3 -m pytest -q -x tests -p no:cacheprovider ;;
-    kernels) stage kernels python3 -m pytest -q benchmarks -k "not micro_step" --benchmark-json="$OUT/kernels.json" ;;
-    model) stage model python3 -m pytest -q -s benchmarks/test_bench_model.py --benchmark-json="$OUT/model.json" ;;
-    profile) stage profile python3 -m recycore bench --profile --paths reference-compiled,triton ;;
+    # the model with kernels=triton against the reference model, at the seed's width, on the GPU
+    tests) stage tests 100 python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_model_kernels.py" ;;
+    # whole-model micro-step (48 x 2048, fwd+bwd): reference compiled vs triton, with the profile of each
+    model) stage model 260 python3 -m pytest -q -s -p no:cacheprovider "$R/benchmarks/test_bench_model.py" \
+             --benchmark-json="$OUT/model.json" ;;
+    # the seed's config on the demo data with the fused kernels, wall-clock capped, then the int5
+    # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
+    train) stage train 210 python3 -m recycore train "${DEMO[@]}" --kernels triton --run-id h200_triton \
+             --max-wallclock-seconds "${TRAIN_SECONDS:-70}" --warmdown-iters 30 --warmup-steps 3 \
+             --val-loss-every 0 --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -21,13 +21,15 @@ STEP_TFLOP = 19.8 + 10.1
 @requires_cuda
 @pytest.mark.parametrize("path", PATHS)
 def test_bench_micro_step(benchmark, path):
-    from recycore.bench import micro_step
+    from recycore.bench import format_profile, micro_step
 
-    result = micro_step(path, Config(), batch_seqs=int(os.environ.get("RECYCORE_BENCH_BATCH", "48")))
+    result = micro_step(path, Config(), batch_seqs=int(os.environ.get("RECYCORE_BENCH_BATCH", "48")),
+                        with_profile=True)
     info = benchmark.extra_info
     info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=path, gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, tflops=STEP_TFLOP / result["ms"] * 1e3 * result["batch_seqs"] / 48,
                 baseline=path == "reference-compiled", **result)
     print(f"\n{path}: {result['ms']:.2f} ms/micro-step, compile {result['compile_s']:.0f}s, "
           f"peak {result['peak_gib']:.1f} GiB")
+    print(format_profile(result))
     benchmark.pedantic(lambda: None, rounds=1)  # figures come from CUDA events above

@@ -75,8 +75,9 @@ def random_batch(cfg: Config, batch_seqs: int, device="cuda"):
     return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
 
-def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20) -> dict:
-    """Compile time, median/p20/p80 ms of one fwd+bwd micro-step, and peak memory."""
+def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20, with_profile: bool = False) -> dict:
+    """Compile time, median/p20/p80 ms of one fwd+bwd micro-step, peak memory, and
+    (with_profile) the GPU time of one more step by kernel family."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, step = build(path, cfg)
@@ -95,23 +96,22 @@ def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20) 
         end.record()
         end.synchronize()
         times.append(begin.elapsed_time(end))
-    model.zero_grad(set_to_none=True)
     times.sort()
-    return {"path": path, "ms": statistics.median(times), "ms_p20": times[len(times) // 5],
-            "ms_p80": times[4 * len(times) // 5], "compile_s": compile_s,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "batch_seqs": batch_seqs,
-            "seq_len": cfg.train_seq_len}
+    result = {"path": path, "ms": statistics.median(times), "ms_p20": times[len(times) // 5],
+              "ms_p80": times[4 * len(times) // 5], "compile_s": compile_s,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "batch_seqs": batch_seqs,
+              "seq_len": cfg.train_seq_len}
+    if with_profile:
+        result.update(profile_step(step, x, y))
+    model.zero_grad(set_to_none=True)
+    return result
 
 
-def profile(path: str, cfg: Config, batch_seqs: int = 48) -> dict:
-    """GPU milliseconds of one micro-step per kernel family (and the top kernels)."""
+def profile_step(step, x, y) -> dict:
+    """GPU milliseconds of one (warm) step per kernel family, and the top kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    model, step = build(path, cfg)
-    x, y = random_batch(cfg, batch_seqs)
-    for _ in range(3):
-        step(x, y)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(x, y)
@@ -125,7 +125,16 @@ def profile(path: str, cfg: Config, batch_seqs: int = 48) -> dict:
         families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0.0) + ms
         kernels[event.key] = kernels.get(event.key, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"path": path, "total_ms": sum(families.values()), "families": families, "top_kernels": top}
+    return {"total_ms": sum(families.values()), "families": families, "top_kernels": top}
+
+
+def profile(path: str, cfg: Config, batch_seqs: int = 48) -> dict:
+    """The profiler view of one micro-step of one path."""
+    model, step = build(path, cfg)
+    x, y = random_batch(cfg, batch_seqs)
+    for _ in range(3):
+        step(x, y)
+    return {"path": path, **profile_step(step, x, y)}
 
 
 def format_profile(result: dict) -> str:
