@@ -175,7 +175,8 @@ def sweep(out_dir):
                 report["large_m"][key] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
             print(f"large M {key:80s} {report['large_m'][key]}", flush=True)
     dump()
-    best_large = min(_large_m_configs(), key=lambda c: _total(report["large_m"][f"{c} {N}x{K}"] for N, K in WEIGHT_SHAPES))
+    best_large = min(_large_m_configs(),
+                     key=lambda c: _total(report["large_m"][f"{c} {N}x{K}"] for N, K in WEIGHT_SHAPES))
 
     for variant in SMALL_M_VARIANTS:
         _configure(small=variant)
@@ -190,7 +191,8 @@ def sweep(out_dir):
                 print(f"small M {key:60s} {report['small_m'][key]}", flush=True)
     dump()
     best_small = min(SMALL_M_VARIANTS, key=lambda v: _total(
-        report["small_m"][f"block_n={v[0]} programs/SM={v[1]} M={M} {N}x{K}"] for M in (1, 16) for N, K in WEIGHT_SHAPES))
+        report["small_m"][f"block_n={v[0]} programs/SM={v[1]} M={M} {N}x{K}"]
+        for M in (1, 16) for N, K in WEIGHT_SHAPES))
     report["chosen"] = {"large_m": dataclasses.asdict(best_large), "small_m": best_small}
     _configure(best_large, best_small)
     print("chosen:", report["chosen"], flush=True)

@@ -1,15 +1,15 @@
 """K1 fused LeakyReLU² MLP on the GPU at the seed shape (M = 48 x 2048 = 98,304 rows, d = 512,
 h = 1536, bf16 activations, fp32 master weights), forward and forward+backward:
-  ours = recycore.kernels.leaky_relu2_mlp (Triton GEMM template, pre saved, post recomputed);
+  ours = recycore.kernels.leaky_relu2_mlp (Triton GEMM template with the activation epilogues + cuBLAS);
   baseline = the same math (leaky_relu2_mlp_reference) under torch.compile(mode="max-autotune");
   cublas = the bare cuBLAS GEMMs alone (up + down; the 6 GEMMs of forward+backward), no activation.
 TFLOP/s count the GEMMs: 2 * 2*M*d*h forward, 6 * 2*M*d*h forward+backward.
 
 `python benchmarks/test_bench_mlp.py OUT_DIR --precompile` compiles the sweep's kernels in parallel
 processes (Triton's disk cache), `python benchmarks/test_bench_mlp.py OUT_DIR` then sweeps block
-configs and split-K for each of the six GEMMs, times the alternatives of each (post stored vs recomputed, Triton vs cuBLAS), keeps the best
-configs (OUT_DIR/k1_best.json), profiles our forward+backward and times ours and the bare cuBLAS
-GEMMs with them (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` then times ours (with
+configs and split-K for each of the six GEMMs, times the alternatives of each (Triton vs cuBLAS),
+keeps the best configs of the template GEMMs (OUT_DIR/k1_best.json), profiles our forward+backward
+and times ours and the bare cuBLAS GEMMs with them (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` then times ours (with
 k1_best.json) against the max-autotune baseline in a fresh process (OUT_DIR/k1_baseline.json).
 """
 import json
@@ -92,9 +92,9 @@ def test_bench_mlp(benchmark, name, backward):
 # ----------------------------------------------------------------------------------------------
 # Sweep (one GPU call): every GEMM of the MLP over block configs / split-K / alternatives -> JSON
 # ----------------------------------------------------------------------------------------------
-# The variant of each GEMM that leaky_relu2_mlp runs (the others are alternatives, for the notes).
-OUR_VARIANTS = {"up": "pre", "down": "a_leaky(pre)", "d_pre": "grad epilogue", "du": "plain",
-                "dw_down": "b_leaky(pre)", "dw_up": "plain"}
+# The template GEMMs of leaky_relu2_mlp and the variant it runs (down, du and dW_down run on cuBLAS;
+# the other rows of the sweep are the alternatives measured for the notes).
+OUR_VARIANTS = {"up": "pre+post", "d_pre": "grad epilogue", "dw_up": "plain"}
 
 
 def precompile(worker, cases, processes=8):
@@ -148,17 +148,14 @@ def _k1_call(t, role, variant, config, split_k):
         post = t["post"] if variant == "pre+post" else None
         return lambda: gemm(t["u"], t["w_up"], pre=t["pre"], post=post, epilogue=EPILOGUE_LEAKY_RELU2, **kw)
     if role == "down":
-        leaky = variant == "a_leaky(pre)"
-        return lambda: gemm(t["pre" if leaky else "post"], t["w_down"], out=t["out"], a_leaky=leaky, **kw)
+        return lambda: gemm(t["post"], t["w_down"], out=t["out"], **kw)
     if role == "d_pre":
         return lambda: gemm(t["d_out"], t["w_down"].t(), out=t["d_pre"], pre=t["pre"],
                             epilogue=EPILOGUE_LEAKY_RELU2_GRAD, **kw)
     if role == "du":
         return lambda: gemm(t["d_pre"], t["w_up"].t(), out=t["du"], **kw)
     if role == "dw_down":
-        leaky = variant == "b_leaky(pre)"
-        return lambda: gemm(t["d_out"].t(), t["pre" if leaky else "post"].t(), out=t["dw_down"], b_leaky=leaky,
-                            split_k=split_k, **kw)
+        return lambda: gemm(t["d_out"].t(), t["post"].t(), out=t["dw_down"], split_k=split_k, **kw)
     return lambda: gemm(t["d_pre"].t(), t["u"].t(), out=t["dw_up"], split_k=split_k, **kw)
 
 
@@ -173,15 +170,14 @@ def _k1_cases():
                    GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 128, 128, 8, 8, 3)]
     cases = []
     for c in big_m:
-        cases += [("up", "pre", c, 1), ("down", "a_leaky(pre)", c, 1), ("d_pre", "grad epilogue", c, 1),
+        cases += [("up", "pre+post", c, 1), ("d_pre", "grad epilogue", c, 1), ("down", "plain(post)", c, 1),
                   ("du", "plain", c, 1)]
     for c in big_m[:2]:
-        cases += [("up", "pre+post", c, 1), ("down", "plain(post)", c, 1)]
+        cases.append(("up", "pre", c, 1))
     for c in weight_grad:
         split = default_split_k(SEED_D, SEED_H, SEED_M, c, torch.device(DEVICE))
         for s in sorted({max(2, split // 2), split, 2 * split}):
-            cases += [("dw_down", "b_leaky(pre)", c, s), ("dw_up", "plain", c, s)]
-        cases.append(("dw_down", "plain(post)", c, split))
+            cases += [("dw_up", "plain", c, s), ("dw_down", "plain(post)", c, s)]
     return cases
 
 
@@ -262,7 +258,7 @@ def sweep(out_dir):
     torch.manual_seed(0)
     t = _k1_tensors(SEED_M, SEED_D, SEED_H)
     _k1_call(t, "up", "pre+post", mlp.SEED_CONFIGS["up"], 1)()  # pre and post hold real values
-    cublas = [(role, "cublas", None, 1) for role in OUR_VARIANTS]
+    cublas = [(role, "cublas", None, 1) for role in ("up", "down", "d_pre", "du", "dw_down", "dw_up")]
     for role, variant, config, split_k in cases + cublas:
         row = {"role": role, "variant": variant, "config": config, "split_k": split_k}
         try:
@@ -282,7 +278,8 @@ def sweep(out_dir):
             best[key] = row
     print("\nbest per GEMM and variant:")
     for (role, variant), row in sorted(best.items()):
-        print(f"{role:8s} {variant:14s} {row['ms']:.4f} ms {row['tflops']:4.0f} TF  {row['config']} split={row['split_k']}")
+        print(f"{role:8s} {variant:14s} {row['ms']:.4f} ms {row['tflops']:4.0f} TF  {row['config']} "
+              f"split={row['split_k']}")
     chosen = {}
     for role, variant in OUR_VARIANTS.items():
         row = best[(role, variant)]

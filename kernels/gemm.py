@@ -4,12 +4,11 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
 
 - A and B are read through arbitrary strides, so a transposed operand is a stride swap
   (`x.t()` views: the MLP's backward GEMMs need no copies);
-- either operand may pass through the prologue `x -> leaky_relu(x, 0.5)^2` (A_LEAKY / B_LEAKY):
-  the MLP stores only `pre` and recomputes `post` in registers where a GEMM reads it;
 - the weight loader (B) is a constexpr choice: BF16 (any float dtype, plain strided loads) or
   INT5 (packed words unpacked in registers, see "INT5 layout"); with INT5 the tile product is
   computed transposed, C^T = B A^T, so that the unpacked weight is the MMA's register operand
-  (wgmma reads A from registers, B only from shared memory) and the MMAs stay asynchronous;
+  (wgmma reads A from registers, B only from shared memory) and the MMAs stay asynchronous
+  (as B operand, written to shared memory in the loop, every MMA had to complete before the next);
 - the epilogue is a constexpr choice, after an optional ROW_SCALE (column n times scale[n], the
   scale of weight row n): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
   `pre` and/or `post = leaky_relu(pre, 0.5)^2`), LEAKY_RELU2_GRAD (C is d_post: store
@@ -147,7 +146,7 @@ def _gemm_kernel(
     a_ptr, b_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr,
     M, N, K, k_per_split,
     stride_am, stride_ak, stride_bn, stride_bk,
-    A_LEAKY: tl.constexpr, B_LEAKY: tl.constexpr, B_INT5: tl.constexpr,
+    B_INT5: tl.constexpr,
     EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -169,7 +168,7 @@ def _gemm_kernel(
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
 
-    if B_INT5:  # y^T = W x^T: the unpacked weight is the MMA's register operand, no smem round trip
+    if B_INT5:  # C^T = W x^T: the unpacked weight is the MMA's register operand (async wgmma)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -183,8 +182,6 @@ def _gemm_kernel(
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-        if A_LEAKY:
-            a = _leaky_relu2(a)
         if B_INT5:
             # Values past K are padding (q = 0) or masked out of A: no K mask needed.
             w = _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N, UPCAST).to(a.dtype)
@@ -197,8 +194,6 @@ def _gemm_kernel(
                 b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
                 b = b.to(tl.float32)
-            if B_LEAKY:
-                b = _leaky_relu2(b)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if B_INT5:
         acc = tl.trans(acc)
@@ -239,7 +234,7 @@ def _check_output(t, name, shape, device):
 
 
 def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_NONE,
-         a_leaky=False, b_leaky=False, int5_k=None, split_k=1, config=None):
+         int5_k=None, split_k=1, config=None):
     """C = a @ b^T through the template; writes into the given contiguous (M, N) buffers.
 
     a: (M, K), b: (N, K), any strides (pass `x.t()` for a transposed operand), float dtypes;
@@ -247,7 +242,6 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
     epilogue NONE and LEAKY_RELU2_GRAD write `out` (the latter reads `pre`); LEAKY_RELU2 writes
     `pre` and/or `post`. `scale` (N,) multiplies column n before the epilogue (ROW_SCALE).
     split_k > 1 sums fp32 partials in a workspace (not with LEAKY_RELU2_GRAD).
-    Returns (out, pre, post) as given.
     """
     check_tensor(a, "a", ndim=2, dtypes=_FLOAT_DTYPES)
     device = a.device
@@ -263,8 +257,6 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         check_tensor(b, "packed weight", ndim=2, dtypes=(torch.int32,), device=device, contiguous=True)
         if int5_k != K or b.shape[1] != triton.cdiv(K, INT5_GROUP) * INT5_GROUP_WORDS:
             raise ValueError(f"packed weight {tuple(b.shape)} does not hold rows of K = {K} values")
-        if b_leaky:
-            raise ValueError("the LeakyReLU² prologue applies to float operands only")
         N = b.shape[0]
     if M * max(N, K) >= 2**31 or N * K >= 2**31:
         raise ValueError(f"GEMM ({M} x {N} x {K}) too large for 32-bit offsets")
@@ -312,7 +304,7 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         a, b, target, pre_arg, post_arg, scale_arg,
         M, N, K, k_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        A_LEAKY=a_leaky, B_LEAKY=b_leaky, B_INT5=int5_k is not None,
+        B_INT5=int5_k is not None,
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
         WRITE_PARTIALS=split_k > 1, EVEN_K=even_k, UPCAST=INTERPRET,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
@@ -325,4 +317,3 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
             EPILOGUE=epilogue, ROW_SCALE=scale is not None,
             STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=INTERPRET, BLOCK=_REDUCE_BLOCK,
         )
-    return out, pre, post

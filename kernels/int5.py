@@ -8,8 +8,9 @@ kept packed on the GPU (5 bits per weight + one fp16 scale per output row).
 - Both regimes run the shared GEMM template with the INT5 weight loader (q unpacked in registers
   to bf16, exact for -15..15), fp32 accumulation, and the ROW_SCALE epilogue (+ LEAKY_RELU2):
   M > SMALL_M_MAX (sliding-window eval, e.g. 65,536 rows): large tiles, the epilogue fused;
-  M <= SMALL_M_MAX (decoding-style, 1..64 rows): a skinny split-K GEMM whose fp32 partials are
-  summed, scaled and activated by the split-K reduction kernel.
+  M <= SMALL_M_MAX (decoding-style, 1..64 rows): skinny tiles (16 weight rows x 16..64 input
+  rows); rows longer than 512 values are split over K, the fp32 partials summed, scaled and
+  activated by the split-K reduction kernel.
 - `int5_linear` is a torch.library custom op with a fake impl (eval only, not differentiable);
   `Int5Linear.from_artifact` builds the module from the artifact's bytes, scales and shape.
 """
@@ -38,9 +39,12 @@ ACTIVATIONS = ("none", "leaky_relu2")
 
 # Measured on the H200 (benchmarks/NOTES_K1_K3.md) at the model's weight shapes. block_n (weight rows)
 # is the M side of the MMA (y^T = W x^T, see gemm.py).
-LARGE_M_CONFIG = GemmConfig(128, 128, INT5_GROUP, group_m=8, num_warps=8, num_stages=3)
-SMALL_M_BLOCK_N = 32
-SMALL_M_PROGRAMS_PER_SM = 2  # split K until about this many programs per SM stream the weight
+LARGE_M_CONFIG = GemmConfig(256, 128, INT5_GROUP, group_m=8, num_warps=8, num_stages=2)
+SMALL_M_BLOCK_N = 16
+# Small M is latency-bound: a second launch (the split-K reduction) costs more than it saves on
+# rows of <= 4 groups (K <= 512); longer rows split K until ~2 programs per SM.
+SMALL_M_UNSPLIT_GROUPS = 4
+SMALL_M_PROGRAMS_PER_SM = 2
 
 
 def _large_m_config():
@@ -55,11 +59,11 @@ def _small_m_config(M):
 
 
 def _small_m_split_k(N, K, device):
-    """Skinny GEMMs are bound by reading the weight: split K so that enough programs stream it."""
-    if device.type != "cuda":
+    groups = triton.cdiv(K, INT5_GROUP)
+    if device.type != "cuda" or groups <= SMALL_M_UNSPLIT_GROUPS:
         return 1
     tiles = triton.cdiv(N, SMALL_M_BLOCK_N)
-    return max(1, min(triton.cdiv(K, INT5_GROUP), SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
+    return max(1, min(groups, SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +102,8 @@ def unpack_gpu_layout(words: Tensor, cols: int) -> Tensor:
 
 def transcode_artifact(packed: Tensor, rows: int, cols: int) -> Tensor:
     """The artifact's int5 bytes (SPEC §4) of a (rows, cols) matrix -> the GPU layout words."""
-    check_tensor(packed, "packed bytes", ndim=1, dtypes=(torch.uint8,))
+    if packed.dtype != torch.uint8 or packed.ndim != 1:  # any device: artifacts load on the CPU
+        raise TypeError(f"packed bytes must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     expected = triton.cdiv(rows * cols, 8) * 5
     if packed.numel() != expected:
         raise ValueError(f"int5 bytes of a ({rows}, {cols}) matrix must number {expected}, got {packed.numel()}")

@@ -1,17 +1,21 @@
 """K1: the fused LeakyReLU² MLP, out = leaky_relu(u W_up^T, 0.5)^2 W_down^T, forward and backward.
 
-Everything runs through the shared GEMM template (gemm.py); only `pre = u W_up^T` (M, h) is saved
-for backward, and `post = leaky_relu(pre, 0.5)^2` never touches memory: it is recomputed in registers
-by the prologue of the two GEMMs that read it.
+The two GEMMs with an elementwise neighbour run on the shared GEMM template (gemm.py) with the
+activation fused in registers; the plain GEMMs run where they measured fastest on the H200
+(benchmarks/NOTES_K1_K3.md: cuBLAS, except dW_up whose split-K Triton GEMM ties with it and writes
+the fp32 gradient directly):
 
-Forward (2 GEMMs):  pre = u @ W_up^T                [epilogue LEAKY_RELU2, stores pre only]
-                    out = post(pre) @ W_down^T      [A prologue LEAKY_RELU2]
-Backward (4 GEMMs): d_pre = (d_out @ W_down) * (pre > 0 ? 2 pre : 0.5 pre)  [epilogue LEAKY_RELU2_GRAD]
-                    dW_down = d_out^T @ post(pre)   [B prologue, split-K, fp32 partials]
-                    du = d_pre @ W_up
-                    dW_up = d_pre^T @ u             [split-K, fp32 partials]
+Forward:  pre, post = u @ W_up^T, leaky_relu(pre, 0.5)^2   [template, epilogue LEAKY_RELU2: one pass]
+          out = post @ W_down^T                             [cuBLAS]
+Backward: d_pre = (d_out @ W_down) * (pre > 0 ? 2 pre : 0.5 pre)  [template, epilogue LEAKY_RELU2_GRAD]
+          dW_down = d_out^T @ post                          [cuBLAS]
+          du = d_pre @ W_up                                 [cuBLAS]
+          dW_up = d_pre^T @ u                               [template, split-K, fp32 partials]
+`pre` and `post` are both saved: recomputing post from pre in the prologue of the GEMMs that read
+it measured slower than writing it once in the up GEMM's epilogue (0.36 vs 0.22 ms for the down
+GEMM, 0.48 vs 0.23 ms for dW_down, against +0.09 ms for the extra store).
 Weights may be fp32 masters: they are cast to u's dtype for the GEMMs (as F.linear(x, w.to(x.dtype))
-does), and their gradients are written in the weights' dtype straight from the fp32 split-K sums.
+does) and their gradients are returned in the weights' dtype.
 """
 import torch
 import torch.nn.functional as F
@@ -30,15 +34,12 @@ from recycore.kernels.gemm import (
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Configs measured on the H200 at the seed's shapes (d = 512, h = 1536, M = 98,304 rows;
-# benchmarks/NOTES_K1_K3.md), per GEMM of the MLP. Other shapes use gemm.default_config.
+# benchmarks/NOTES_K1_K3.md), per template GEMM of the MLP. Other shapes use gemm.default_config.
 SEED_D, SEED_H = 512, 1536
 SEED_CONFIGS = {
-    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    "down": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    "d_pre": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
-    "du": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    "dw_down": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
-    "dw_up": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
+    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=4),
+    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+    "dw_up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, split_k=11),
 }
 
 
@@ -48,62 +49,58 @@ def _config(role, M, N, K, d, h):
     return default_config(M, N, K)
 
 
-def _weight_grad(a, b, out, role, d, h, **prologue):
-    """out = a @ b^T for a weight gradient (K = tokens): split-K fills the GPU."""
-    M, K = a.shape
-    N = b.shape[0]
-    config = _config(role, M, N, K, d, h)
-    split_k = config.split_k or default_split_k(M, N, K, config, a.device)
-    gemm(a, b, out=out, config=config, split_k=split_k, **prologue)
-    return out
-
-
 @torch.library.custom_op("recycore::leaky_relu2_mlp", mutates_args=())
-def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor]:
-    """u (M, d); w_up (h, d), w_down (d, h) in any float dtype -> (out (M, d), pre (M, h))."""
+def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """u (M, d); w_up (h, d), w_down (d, h) in any float dtype -> (out (M, d), pre (M, h), post (M, h))."""
     M, d = u.shape
     h = w_up.shape[0]
     pre = torch.empty((M, h), device=u.device, dtype=u.dtype)
-    out = torch.empty((M, d), device=u.device, dtype=u.dtype)
-    gemm(u, w_up.to(u.dtype), pre=pre, epilogue=EPILOGUE_LEAKY_RELU2, config=_config("up", M, h, d, d, h))
-    gemm(pre, w_down.to(u.dtype), out=out, a_leaky=True, config=_config("down", M, d, h, d, h))
-    return out, pre
+    post = torch.empty_like(pre)
+    gemm(u, w_up.to(u.dtype), pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2,
+         config=_config("up", M, h, d, d, h))
+    return torch.mm(post, w_down.to(u.dtype).t()), pre, post
 
 
 @_mlp_forward.register_fake
 def _(u, w_up, w_down):
-    return u.new_empty((u.shape[0], w_down.shape[0])), u.new_empty((u.shape[0], w_up.shape[0]))
+    M, h = u.shape[0], w_up.shape[0]
+    return u.new_empty((M, w_down.shape[0])), u.new_empty((M, h)), u.new_empty((M, h))
 
 
 @torch.library.custom_op("recycore::leaky_relu2_mlp_backward", mutates_args=())
-def _mlp_backward(d_out: Tensor, u: Tensor, w_up: Tensor, w_down: Tensor, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _mlp_backward(d_out: Tensor, u: Tensor, w_up: Tensor, w_down: Tensor, pre: Tensor,
+                  post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (du, dW_up, dW_down) of the MLP, each in its input's dtype."""
     M, d = u.shape
     h = w_up.shape[0]
     d_pre = torch.empty_like(pre)
     gemm(d_out, w_down.to(u.dtype).t(), out=d_pre, pre=pre, epilogue=EPILOGUE_LEAKY_RELU2_GRAD,
          config=_config("d_pre", M, h, d, d, h))
-    dw_down = _weight_grad(d_out.t(), pre.t(), torch.empty_like(w_down), "dw_down", d, h, b_leaky=True)
-    du = torch.empty_like(u)
-    gemm(d_pre, w_up.to(u.dtype).t(), out=du, config=_config("du", M, d, h, d, h))
-    dw_up = _weight_grad(d_pre.t(), u.t(), torch.empty_like(w_up), "dw_up", d, h)
+    dw_down = torch.mm(d_out.t(), post).to(w_down.dtype)
+    du = torch.mm(d_pre, w_up.to(u.dtype))
+    dw_up = torch.empty_like(w_up)
+    config = _config("dw_up", h, d, M, d, h)
+    split_k = config.split_k or default_split_k(h, d, M, config, u.device)
+    gemm(d_pre.t(), u.t(), out=dw_up, config=config, split_k=split_k)
     return du, dw_up, dw_down
 
 
 @_mlp_backward.register_fake
-def _(d_out, u, w_up, w_down, pre):
+def _(d_out, u, w_up, w_down, pre, post):
     return torch.empty_like(u), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
     u, w_up, w_down = inputs
-    ctx.save_for_backward(u, w_up, w_down, output[1])
-    ctx.mark_non_differentiable(output[1])
+    _, pre, post = output
+    ctx.save_for_backward(u, w_up, w_down, pre, post)
+    ctx.mark_non_differentiable(pre, post)
+    ctx.set_materialize_grads(False)  # no (M, h) zero-filled gradients for pre and post
 
 
-def _backward(ctx, d_out, _d_pre):
-    u, w_up, w_down, pre = ctx.saved_tensors
-    return torch.ops.recycore.leaky_relu2_mlp_backward(d_out, u, w_up, w_down, pre)
+def _backward(ctx, d_out, _d_pre, _d_post):
+    u, w_up, w_down, pre, post = ctx.saved_tensors
+    return torch.ops.recycore.leaky_relu2_mlp_backward(d_out, u, w_up, w_down, pre, post)
 
 
 _mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -122,7 +119,7 @@ def _check_inputs(u, w_up, w_down):
 def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """leaky_relu(u W_up^T, 0.5)^2 W_down^T for u (..., d), w_up (h, d), w_down (d, h); differentiable."""
     _check_inputs(u, w_up, w_down)
-    out, _ = torch.ops.recycore.leaky_relu2_mlp(u.reshape(-1, u.shape[-1]), w_up, w_down)
+    out, _, _ = torch.ops.recycore.leaky_relu2_mlp(u.reshape(-1, u.shape[-1]), w_up, w_down)
     return out.reshape(u.shape)
 
 

@@ -1,4 +1,4 @@
-"""The shared GEMM template (kernels/gemm.py): operand strides, prologues, epilogues, split-K.
+"""The shared GEMM template (kernels/gemm.py): operand strides, epilogues, split-K.
 
 Ragged shapes (M odd, N and K not multiples of the blocks), NaN-poisoned outputs, float64
 references. The INT5 weight loader is tested with K3 in test_int5.py."""
@@ -68,19 +68,6 @@ def test_leaky_relu2_grad_epilogue(dtype):
     pre64 = pre.double()
     ref = (a.double() @ b.double().t()) * torch.where(pre64 > 0, 2 * pre64, 0.5 * pre64)
     assert rel_err(out, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_leaky_relu2_prologues(dtype):
-    """A_LEAKY (forward down GEMM) and B_LEAKY (dW_down) recompute post from pre in registers."""
-    pre_a, pre_b = _operand(M, K, dtype, False), _operand(N, K, dtype, True)
-    b, a = _operand(N, K, dtype, False), _operand(M, K, dtype, True)
-    out_a, out_b = _nan(M, N, torch.float32), _nan(M, N, torch.float32)
-    gemm(pre_a, b, out=out_a, a_leaky=True)
-    gemm(a, pre_b, out=out_b, b_leaky=True, split_k=2)
-    post_a, post_b = _leaky_relu2(pre_a).double(), _leaky_relu2(pre_b).double()
-    assert rel_err(out_a, post_a @ b.double().t()) < TOL[dtype]
-    assert rel_err(out_b, a.double() @ post_b.t()) < TOL[dtype]
 
 
 @pytest.mark.parametrize("split_k", [1, 2])

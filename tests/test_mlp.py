@@ -51,9 +51,10 @@ def test_opcheck(dtype):
     u, w_up, w_down = _inputs((21,), 40, 72, dtype)
     torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down))
     pre = torch.randn(21, 72, device=DEVICE, dtype=dtype)
+    post = torch.nn.functional.leaky_relu(pre, 0.5).square()
     d_out = torch.randn(21, 40, device=DEVICE, dtype=dtype)
     torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp_backward,
-                          (d_out, u.detach(), w_up.detach(), w_down.detach(), pre))
+                          (d_out, u.detach(), w_up.detach(), w_down.detach(), pre, post))
 
 
 def test_torch_compile_fullgraph():
