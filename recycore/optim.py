@@ -58,6 +58,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _has_reduce_scatter() -> bool:
+    """NCCL has it; other backends are probed once with a tiny collective (every rank)."""
+    if dist.get_backend() == "nccl":
+        return True
+    probe = torch.zeros(dist.get_world_size())
+    try:
+        dist.reduce_scatter_tensor(probe[:1].clone(), probe, op=dist.ReduceOp.SUM)
+        return True
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 3-D banks (bank, rows, cols), one matrix per bank entry:
 
@@ -83,8 +95,8 @@ class Muon(torch.optim.Optimizer):
         self.distributed = _distributed() if distributed is None else distributed
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
-        # gloo builds without reduce_scatter fall back to all-reduce + a local slice.
-        self.use_reduce_scatter = use_reduce_scatter
+        # Backends without reduce-scatter (older gloo) fall back to all-reduce + a local slice.
+        self.use_reduce_scatter = use_reduce_scatter and (not self.distributed or _has_reduce_scatter())
         self._banks = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -119,16 +131,12 @@ class Muon(torch.optim.Optimizer):
             padded[:p.size(0)].copy_(p.grad)
             bank["padded_grad"] = padded
             if self.use_reduce_scatter:
-                try:
-                    shard = p.grad.new_empty(bank["shard"], *p.shape[1:])
-                    work = dist.reduce_scatter_tensor(shard, padded, op=dist.ReduceOp.SUM, async_op=True)
-                    bank["grad_shard"] = shard
-                    self._pending.append(work)
-                    continue
-                except (RuntimeError, NotImplementedError):  # backend without reduce-scatter
-                    self.use_reduce_scatter = False
-            self._pending.append(dist.all_reduce(padded, op=dist.ReduceOp.SUM, async_op=True))
-            bank["grad_shard"] = padded[self.rank * bank["shard"]:(self.rank + 1) * bank["shard"]]
+                bank["grad_shard"] = p.grad.new_empty(bank["shard"], *p.shape[1:])
+                self._pending.append(dist.reduce_scatter_tensor(bank["grad_shard"], padded, op=dist.ReduceOp.SUM,
+                                                                async_op=True))
+            else:
+                self._pending.append(dist.all_reduce(padded, op=dist.ReduceOp.SUM, async_op=True))
+                bank["grad_shard"] = padded[self.rank * bank["shard"]:(self.rank + 1) * bank["shard"]]
 
     # ---- phase 2 -----------------------------------------------------------
     def wait_gradients(self) -> Tensor:

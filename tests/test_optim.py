@@ -235,6 +235,7 @@ def _distributed_worker(rank, port, out_dir):
             model = tiny_model(grad_clip_norm=0.0)
             opt = OptimizerSet(model, model.cfg, use_reduce_scatter=use_reduce_scatter)
             assert opt.distributed and opt.muon.world_size == 2
+            assert opt.muon.use_reduce_scatter == use_reduce_scatter  # gloo here has reduce-scatter
             snapshots = train_steps(model, opt, batches(3), [slice(2 * rank, 2 * rank + 2)])
             state = opt.state_dict()  # collective: gathers the momentum shards
             if rank == 0:
