@@ -37,8 +37,8 @@ for s in "$@"; do
              --benchmark-json="$OUT/model.json" ;;
     # the seed's config on the demo data with the fused kernels, wall-clock capped, then the int5
     # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
-    train) stage train 210 python3 -m recycore train "${DEMO[@]}" --kernels triton --run-id h200_triton \
-             --max-wallclock-seconds "${TRAIN_SECONDS:-70}" --warmdown-iters 30 --warmup-steps 3 \
+    train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels triton --run-id h200_triton \
+             --max-wallclock-seconds "${TRAIN_SECONDS:-70}" --warmdown-iters 30 --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
              --val-loss-every 0 --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
