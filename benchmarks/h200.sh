@@ -40,6 +40,13 @@ for s in "$@"; do
     train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels triton --run-id h200_triton \
              --max-wallclock-seconds "${TRAIN_SECONDS:-70}" --warmdown-iters 30 --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
              --val-loss-every 0 --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
+    # same global batch (786,432 tokens) on 1 GPU (8 micro-steps) and on 2 GPUs (4 each): losses must agree
+    dist) SHORT=(--kernels triton --compile-model 0 --iterations "${DIST_STEPS:-12}" --max-wallclock-seconds 0
+                 --warmup-steps 0 --warmdown-iters 0 --val-loss-every 0 --train-log-every 1
+                 --val-max-tokens 65536 --eval-stride 2048 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt)
+          stage gpu1 200 env CUDA_VISIBLE_DEVICES=0 python3 -m recycore train "${DEMO[@]}" "${SHORT[@]}" --run-id gpu1
+          stage gpu2 200 torchrun --standalone --nproc_per_node=2 -m recycore train "${DEMO[@]}" "${SHORT[@]}" \
+             --run-id gpu2 ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
