@@ -1,4 +1,5 @@
-"""Turn pytest-benchmark JSON into the results table (markdown) and PNG charts.
+"""Turn pytest-benchmark JSON into the results table (markdown) and PNG charts, written
+beside the JSON as <name>.md and <name>_NN.png (one chart per benchmark group).
 
     python benchmarks/report.py benchmarks/results/h200.json [--out benchmarks/results]
 
@@ -52,7 +53,7 @@ def markdown(by_group, meta, rows):
     return "\n".join(lines) + "\n"
 
 
-def charts(by_group, out_dir):
+def charts(by_group, out_dir, stem):
     try:
         import matplotlib
 
@@ -74,7 +75,7 @@ def charts(by_group, out_dir):
         ax.set_title(group, fontsize=9)
         ax.invert_yaxis()
         fig.tight_layout()
-        path = Path(out_dir) / f"chart_{i:02d}.png"
+        path = Path(out_dir) / f"{stem}_{i:02d}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -84,7 +85,8 @@ def charts(by_group, out_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json")
-    parser.add_argument("--out", default=None, help="folder for table.md and charts (default: beside the JSON)")
+    parser.add_argument("--out", default=None,
+                        help="folder for <name>.md and <name>_NN.png (default: beside the JSON)")
     args = parser.parse_args()
     rows, meta = load_rows(args.json)
     if not rows:
@@ -92,10 +94,11 @@ def main():
     by_group = speedups(rows)
     out_dir = Path(args.out or Path(args.json).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.json).stem
     table = markdown(by_group, meta, rows)
-    (out_dir / "table.md").write_text(table)
+    (out_dir / f"{stem}.md").write_text(table)
     print(table)
-    for path in charts(by_group, out_dir):
+    for path in charts(by_group, out_dir, stem):
         print(f"wrote {path}")
 
 

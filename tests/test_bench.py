@@ -36,7 +36,8 @@ def test_report_table_and_speedups(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(bench))
     out = subprocess.run([sys.executable, str(REPORT), str(path)], capture_output=True, text=True, check=True)
-    table = (tmp_path / "table.md").read_text()
+    table = (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r_00.png").exists()
     assert "| g | ours | 1.600 | 125 |  | 1.25x |" in table and "NVIDIA H200" in table
     assert "table" not in out.stderr.lower()
 
