@@ -257,9 +257,10 @@ class WeightAverages:
         """The seed's rule: SWA when it has more than one snapshot, else EMA."""
         return "swa" if self.swa is not None and self.swa_count > 1 else "ema"
 
-    def averaged_state(self, model) -> dict[str, Tensor]:
+    def averaged_state(self, model, kind: str | None = None) -> dict[str, Tensor]:
+        """The weights of `kind` ("swa" or "ema"; default: the rule's choice) in the model's dtypes."""
         template = model.state_dict()
-        if self.choice() == "swa":
+        if (kind or self.choice()) == "swa":
             tensors = [t / self.swa_count for t in self.swa]
         else:
             tensors = self.ema
@@ -485,7 +486,7 @@ def _train(ctx: Context, cfg: Config, accum: int, sp, val_tokens: Tensor, ckpt: 
         records.append(fields)
         ctx.record(**fields)
 
-    def checkpoint(name: str) -> Path:
+    def checkpoint(name: str, **extra) -> Path:
         state = {
             "model": {k: v.detach().cpu() for k, v in base_model.state_dict().items()},
             "optimizers": opt.state_dict(),  # collective: gathers Muon's momentum shards
@@ -493,6 +494,7 @@ def _train(ctx: Context, cfg: Config, accum: int, sp, val_tokens: Tensor, ckpt: 
             "training_time_ms": training_time_ms, "qat": qat_on,
         }
         state["ema"], state["swa"] = averages.state_dict()
+        state.update(extra)
         path = run_dir / name
         if ctx.master:
             save_checkpoint(path, state)
@@ -575,26 +577,35 @@ def _train(ctx: Context, cfg: Config, accum: int, sp, val_tokens: Tensor, ckpt: 
 
     if reached_cap and step < cfg.iterations:
         ctx.log(f"stopping early: wall-clock cap {cfg.max_wallclock_seconds:.0f}s reached at step {step}")
-    checkpoint_path = checkpoint("final.pt")
     if on_cuda:
         ctx.log(f"peak memory allocated {torch.cuda.max_memory_allocated() // 2**20} MiB, "
                 f"reserved {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     # --- averaging, then the pre-quantisation figure ---
+    # final.pt keeps the live weights ("model", to resume from) and the kept
+    # averaged ones ("averaged": `recycore export final.pt --state-key averaged`).
     choice = averages.choice()
-    base_model.load_state_dict(averages.averaged_state(base_model))
+    averaged = averages.averaged_state(base_model)
+    checkpoint_path = checkpoint("final.pt", averaged={k: v.cpu() for k, v in averaged.items()}, averaging=choice)
     base_model.set_qat(False)
+    ema_figures = {}
+    if choice == "swa":  # the EMA is a candidate too: report it, keep the rule's choice
+        base_model.load_state_dict(averages.averaged_state(base_model, "ema"))
+        ema_loss, ema_bpb = evaluate(ctx, base_model, val_logits_fn, cfg, val_tokens, tables, accum)
+        ema_figures = {"ema_val_loss": ema_loss, "ema_val_bpb": ema_bpb}
+        ctx.log(f"averaging: EMA (decay {ema_decay:.4f}) val_loss {ema_loss:.4f} val_bpb {ema_bpb:.4f} (not kept)")
+    base_model.load_state_dict(averaged)
     how = (f"SWA over {averages.swa_count} snapshots" if choice == "swa"
            else f"EMA (decay {ema_decay:.4f})")
     val_loss, val_bpb = evaluate(ctx, base_model, val_logits_fn, cfg, val_tokens, tables, accum)
     ctx.log(f"averaging: {how}; val_bpb live {live.get('val_bpb', float('nan')):.4f} -> averaged {val_bpb:.4f} "
-            f"(keeping the averaged weights)")
+            f"(keeping the averaged weights: SWA if > 1 snapshot, else EMA)")
     results = {
         "run_id": cfg.run_id, "steps": step, "training_time_ms": training_time_ms,
         "ms_per_step": training_time_ms / max(step, 1), "train_loss": None if train_loss is None else train_loss.item(),
         "live_val_loss": live.get("val_loss"), "live_val_bpb": live.get("val_bpb"),
         "averaging": choice, "swa_snapshots": averages.swa_count, "ema_decay": ema_decay,
-        "prequant_val_loss": val_loss, "prequant_val_bpb": val_bpb,
+        "prequant_val_loss": val_loss, "prequant_val_bpb": val_bpb, **ema_figures,
         "checkpoint": str(checkpoint_path), "log": str(ctx.log_path), "metrics": str(ctx.metrics_path),
     }
     record(event="prequant", step=step, averaging=choice, val_loss=val_loss, val_bpb=val_bpb,

@@ -100,7 +100,12 @@ def test_cli_run_loss_falls_and_writes_outputs(tiny_data, tmp_path, monkeypatch)
     # mult < 0.2 only at step 39: one SWA snapshot, so the EMA is used
     assert results["averaging"] == "ema" and results["swa_snapshots"] == 1
     assert os.path.getsize("logs/cli.png") > 1000 and "step 40/40" in open("logs/cli.txt").read()
-    assert os.path.exists("checkpoints/cli/step_000020.pt") and os.path.exists("checkpoints/cli/final.pt")
+    assert os.path.exists("checkpoints/cli/step_000020.pt")
+    final = load_checkpoint("checkpoints/cli/final.pt")
+    assert final["step"] == 40 and final["averaging"] == "ema" and final["averaged"].keys() == final["model"].keys()
+    ema_skip = final["ema"]["skip_weights"]
+    assert torch.equal(final["averaged"]["skip_weights"], ema_skip)
+    assert not torch.equal(final["model"]["skip_weights"], ema_skip)  # live weights, to resume from
     assert results["total_bytes"] == results["model_bytes"] + results["code_bytes"]
 
 
@@ -114,6 +119,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
     a, b = train_losses(tmp_path / "logs" / "full.jsonl"), train_losses(tmp_path / "logs2" / "full.jsonl")
     assert [b[s] for s in (6, 7, 8)] == [a[s] for s in (6, 7, 8)]
     assert resumed["prequant_val_bpb"] == full["prequant_val_bpb"]
+    assert full["averaging"] == "swa" and 0 < full["ema_val_bpb"] < 10  # the EMA reported beside the kept SWA
     end_a, end_b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
     for key in ("model", "ema"):
         for name, tensor in end_a[key].items():
