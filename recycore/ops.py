@@ -14,13 +14,20 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x @ w^T (+ b) with the (fp32 master) weight cast to the activation dtype."""
+    """x @ w^T (+ b) with the (fp32 master) weight cast to the activation dtype. A bank matrix
+    may instead be packed (not a Tensor: recycore.int5_model.PackedInt5Weight, no bias), which
+    runs its own kernel (K3, int5 dequant-matmul) so no dense copy of it is ever made."""
+    if not isinstance(w, Tensor):
+        return w.linear(x)
     return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
 def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor, kernels: str = "reference") -> Tensor:
-    """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (KERNELS.md K1)."""
-    if kernels == "triton":
+    """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (KERNELS.md K1). A packed W_up (see
+    `linear`) applies the activation in K3's epilogue; W_down goes through `linear`."""
+    if not isinstance(w_up, Tensor):
+        return linear(w_up.linear(u, activation="leaky_relu2"), w_down)
+    if kernels == "triton" and isinstance(w_down, Tensor):
         from recycore.kernels import leaky_relu2_mlp as fused_mlp
 
         return fused_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype))
