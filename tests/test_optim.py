@@ -19,13 +19,7 @@ TINY = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads
             train_seq_len=16, train_batch_tokens=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run ~4x faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, **overrides):

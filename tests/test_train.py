@@ -22,13 +22,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing
          "quiet water and children read long stories about brave knights distant mountains bright stars").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run ~4x faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
