@@ -183,8 +183,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint (a dict with 'model' and 'config') or a plain "
                         "state dict (the config then comes from the flags/env)")
     parser.add_argument("-o", "--output", default="final_model.int5.ptz", help="the artifact to write")
-    parser.add_argument("--scheme", choices=quant.SCHEMES, default="seed",
-                        help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip")
+    parser.add_argument("--scheme", type=_scheme, default="seed", metavar="|".join((*quant.SCHEMES, "rowfloor:F")),
+                        help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip "
+                        "(lower error, more bytes); rowfloor[:F]: per-row clip under the seed's floor [or the int5 floor F]")
     parser.add_argument("--weights", choices=("auto", "model", "ema", "swa"), default="auto",
                         help="auto: the seed's rule (SWA average if >1 snapshot, else EMA), as training exports")
     parser.add_argument("--code-size", choices=("raw", "lzma"), default="raw",
@@ -213,6 +214,14 @@ def select_weights(ckpt: dict, weights: str) -> tuple[dict[str, Tensor], str]:
     if isinstance(live, dict):
         chosen = {k: v.to(live[k].dtype) if k in live else v for k, v in chosen.items()}
     return chosen, weights
+
+
+def _scheme(text: str) -> str:
+    try:
+        quant.scheme_floor(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def load_checkpoint(path, weights: str, args: argparse.Namespace) -> tuple[dict[str, Tensor], Config, str]:

@@ -7,13 +7,19 @@ tensor name). Per tensor, in the seed's order:
   * attention / MLP matrices -> {"type": "int5_packed"}: name.q (packed bytes),
     name.scale (fp16, one per row), name.shape (int32)
   * everything else -> {"type": "int8"}: name.q (int8), name.scale (fp16 per row)
-Two schemes choose the int5/int8 values; both write the same format, so the
-seed's loader reads either:
-  * "seed":   s = max(clip/qmax, 1/qmax), one clip quantile per tensor (the seed's
-              exact numbers, byte for byte).
-  * "rowmse": no scale floor, and a clip chosen per row from a finer grid, by the
-              row's own squared error. The floor of 1/15 zeroes every row whose
-              values are all below 1/30 -- the small output/down projections.
+The schemes choose the int5/int8 values; all write the same format, so the
+seed's loader reads any of them:
+  * "seed":     s = max(clip/qmax, 1/qmax), one clip quantile per tensor (the seed's
+                exact numbers, byte for byte).
+  * "rowmse":   no scale floor, and a clip chosen per row from a finer grid, by the
+                row's own squared error. The floor of 1/15 zeroes every row whose
+                values are all below 1/30 (the zero-initialised output/down
+                projections early in training) and coarsens every row with max
+                |w| < 1; without it the error drops ~10x but LZMA has more to code.
+  * "rowfloor": rowmse's per-row clip search under the seed's floors, so about the
+                seed's bytes (the floor is also what keeps the artifact small).
+                "rowfloor:F" sets the int5 floor to F (int8: F*15/127), a knob
+                between the two: rowfloor:0 is rowmse, rowfloor:0.0667 the seed's.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ INT8_CLIP_QUANTILE = 99.99984 / 100.0  # written as the seed computes it, so the
 ROWMSE_CLIP_FRACTIONS = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 # rowmse scale floor: the smallest normal fp16, only to keep s > 0 for all-zero rows.
 ROWMSE_MIN_SCALE = float(torch.finfo(torch.float16).tiny)
-SCHEMES = ("seed", "rowmse")
+SCHEMES = ("seed", "rowmse", "rowfloor")
 INT5_CATEGORIES = ("mlp", "attn")
 
 PASSTHROUGH, PASSTHROUGH_CTRL = "passthrough", "passthrough_ctrl"
@@ -82,9 +88,31 @@ def _round_clamp(t32: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return torch.clamp(torch.round(t32 / scale), -qmax, qmax).to(torch.int8)
 
 
+def scheme_floor(scheme: str) -> float | None:
+    """The int5 scale floor of a scheme: None for "seed" (its own code path), 0 for
+    "rowmse", 1/15 for "rowfloor", F for "rowfloor:F"."""
+    name, _, value = scheme.partition(":")
+    if name in SCHEMES and not value:
+        return {"seed": None, "rowmse": 0.0, "rowfloor": 1.0 / INT5_MAX}[name]
+    if name == "rowfloor":
+        try:
+            floor = float(value)
+        except ValueError:
+            floor = -1.0
+        if floor >= 0:
+            return floor
+    raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {', '.join(SCHEMES)} "
+                     "or rowfloor:F with a floor F >= 0")
+
+
 def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantisation scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    scheme_floor(scheme)
+
+
+def _min_scale(scheme: str, qmax: int) -> float:
+    """The scheme's scale floor for values in [-qmax, qmax] (int8 keeps the seed's
+    ratio 15/127 to int5), never below the smallest normal fp16."""
+    return max(scheme_floor(scheme) * INT5_MAX / qmax, ROWMSE_MIN_SCALE)
 
 
 def quantize_int5(t: Tensor, scheme: str = "seed") -> tuple[Tensor, Tensor]:
@@ -93,12 +121,13 @@ def quantize_int5(t: Tensor, scheme: str = "seed") -> tuple[Tensor, Tensor]:
     _check_scheme(scheme)
     t32 = t.float()
     if t32.ndim != 2:
-        scale = (t32.abs().amax() / INT5_MAX).clamp_min(
-            1.0 / INT5_MAX if scheme == "seed" else ROWMSE_MIN_SCALE).to(torch.float16)
+        floor = 1.0 / INT5_MAX if scheme == "seed" else _min_scale(scheme, INT5_MAX)
+        scale = (t32.abs().amax() / INT5_MAX).clamp_min(floor).to(torch.float16)
         return _round_clamp(t32, scale.float(), INT5_MAX), scale
     if scheme == "seed":
         return _int5_seed_rows(t32)
-    return _best_clip_per_row(t32, _rowmse_clip_candidates(t32, INT5_CLIP_QUANTILES), INT5_MAX)
+    return _best_clip_per_row(t32, _rowmse_clip_candidates(t32, INT5_CLIP_QUANTILES), INT5_MAX,
+                              _min_scale(scheme, INT5_MAX))
 
 
 def _int5_seed_rows(t32: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,14 +161,14 @@ def _rowmse_clip_candidates(t32: Tensor, quantiles: tuple[float, ...]) -> Tensor
     return torch.cat((_clip_candidates(a, (*quantiles, 1.0)), fractions))
 
 
-def _best_clip_per_row(t32: Tensor, clips: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+def _best_clip_per_row(t32: Tensor, clips: Tensor, qmax: int, min_scale: float) -> tuple[Tensor, Tensor]:
     """For each row, the candidate clip (of K) whose fp16 scale gives the lowest
     squared error; q is computed with the stored (fp16) scale."""
     best_err = torch.full((t32.shape[0],), float("inf"))
     best_q = torch.empty(t32.shape, dtype=torch.int8)
     best_scale = torch.empty(t32.shape[0], dtype=torch.float16)
     for clip in clips:  # K candidates (about a dozen), each fully vectorised over the matrix
-        scale = (clip / qmax).clamp_min(ROWMSE_MIN_SCALE).to(torch.float16)
+        scale = (clip / qmax).clamp_min(min_scale).to(torch.float16)
         q = _round_clamp(t32, scale.float()[:, None], qmax)
         err = (t32 - q.float() * scale.float()[:, None]).pow(2).sum(dim=1)
         better = err < best_err
@@ -164,7 +193,8 @@ def quantize_int8(t: Tensor, scheme: str = "seed") -> tuple[Tensor, Tensor]:
         clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
         scale = (clip / INT8_MAX).clamp_min(1.0 / INT8_MAX)
         return _round_clamp(clipped, scale[:, None], INT8_MAX), scale.to(torch.float16)
-    return _best_clip_per_row(t32, _rowmse_clip_candidates(t32, (INT8_CLIP_QUANTILE,)), INT8_MAX)
+    return _best_clip_per_row(t32, _rowmse_clip_candidates(t32, (INT8_CLIP_QUANTILE,)), INT8_MAX,
+                              _min_scale(scheme, INT8_MAX))
 
 
 # ---------------------------------------------------------------------------

@@ -118,6 +118,17 @@ def test_rowmse_int5_is_per_row_best_of_its_candidates_and_beats_seed():
     assert torch.all(chosen <= _row_errors(t, q_seed, s_seed) * (1 + 1e-6))
 
 
+def test_rowfloor_keeps_the_seeds_floor_and_never_loses_to_seed_per_row():
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(64, 1000, generator=g) * torch.logspace(-2, 0.5, 64)[:, None]
+    t[::3, :2] *= 20.0
+    q_seed, s_seed = quantize_int5(t, "seed")
+    q, s = quantize_int5(t, "rowfloor")
+    assert torch.all(s.float() >= torch.tensor(1 / 15).half().float())
+    seed_err, err = _row_errors(t, q_seed, s_seed), _row_errors(t, q, s)
+    assert torch.all(err <= seed_err) and err.sum() < seed_err.sum()
+
+
 def test_int8_seed_clips_floors_and_stores_fp16_scales():
     g = torch.Generator().manual_seed(4)
     t = torch.randn(40, 900, generator=g) * 0.3
@@ -144,8 +155,19 @@ def test_non_matrix_tensors_get_one_scale():
 
 
 def test_unknown_scheme_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown quantisation scheme 'gptq9'"):
-        quantize_int5(torch.randn(4, 4), "gptq9")
+    for bad in ("gptq9", "rowfloor:x", "rowfloor:-1", "seed:0.1"):
+        with pytest.raises(ValueError, match=f"unknown quantisation scheme '{bad}'"):
+            quantize_int5(torch.randn(4, 4), bad)
+
+
+def test_rowfloor_floor_is_a_knob_between_rowmse_and_the_seeds_floor():
+    t = torch.randn(16, 300) * 0.01
+    for scheme, floor in (("rowfloor:0.004", 0.004), ("rowfloor", 1 / 15)):
+        _, s = quantize_int5(t, scheme)
+        assert torch.all(s.float() >= torch.tensor(floor).half().float()), scheme
+        _, s8 = quantize_int8(t, scheme)
+        assert torch.all(s8.float() >= torch.tensor(floor * 15 / 127).half().float()), scheme
+    assert torch.equal(quantize_int5(t, "rowfloor:0")[0], quantize_int5(t, "rowmse")[0])
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +262,7 @@ def test_state_dict_round_trip(scheme):
         else:
             err = (got.float() - ref.float()).norm() / ref.float().norm()
             bound = 0.02 if m[name]["type"] == "int8" else 0.1
-            if scheme == "seed":  # rows with max |w| < 1: the seed's 1/15 (1/127) floor costs most of the
+            if scheme != "rowmse":  # rows with max |w| < 1: the seed's 1/15 (1/127) floor costs most of the
                 bound = 1.0 if m[name]["type"] == "int5_packed" else 0.2  # resolution, or all of it
             assert err <= bound, (name, err.item())
     back = quant.rebank_state_dict(out, QUANT_CFG.num_layers, sd)
