@@ -91,21 +91,23 @@ def model_config_dict(cfg: Config) -> dict:
     return {name: values[name] for name in MODEL_FIELDS}
 
 
-def serialize_artifact(state_dict: dict[str, Tensor], cfg: Config, scheme: str = "seed") -> bytes:
-    """The artifact's bytes for a banked state dict."""
+def serialize_artifact(state_dict: dict[str, Tensor], cfg: Config, scheme: str = "seed",
+                       int5_storage: str = "packed") -> bytes:
+    """The artifact's bytes for a banked state dict (see quant.quantize_state_dict)."""
     check_state_dict(state_dict, cfg)
     flat = quant.unbank_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, cfg.num_layers)
-    w, m = quant.quantize_state_dict(flat, scheme)
+    w, m = quant.quantize_state_dict(flat, scheme, int5_storage)
     buf = io.BytesIO()  # a buffer, as the seed: torch.save names the zip's folder after a file
-    torch.save({"w": w, "m": m, "config": model_config_dict(cfg), "scheme": scheme}, buf)
+    torch.save({"w": w, "m": m, "config": model_config_dict(cfg), "scheme": scheme, "int5_storage": int5_storage},
+               buf)
     return lzma.compress(buf.getvalue(), preset=LZMA_PRESET)
 
 
 def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: str = "seed",
-                    code_size: str = "raw") -> dict:
+                    code_size: str = "raw", int5_storage: str = "packed") -> dict:
     """Write the artifact -> dict(model_bytes, code_bytes, total_bytes, ...); code_bytes is
     the raw source size unless code_size="lzma"."""
-    blob = serialize_artifact(state_dict, cfg, scheme)
+    blob = serialize_artifact(state_dict, cfg, scheme, int5_storage)
     path = Path(path)
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", type=_scheme, default="seed", metavar="|".join((*quant.SCHEMES, "rowfloor:F")),
                         help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip "
                         "(lower error, more bytes); rowfloor[:F]: per-row clip under the seed's floor [or the int5 floor F]")
+    parser.add_argument("--int5-storage", choices=quant.INT5_STORAGES, default="packed",
+                        help="packed: 8 values in 5 bytes (the seed's); int8: one per byte under the seed's int8 "
+                        "format (the seed's loader reads it too; LZMA makes it smaller)")
     parser.add_argument("--weights", choices=("auto", "model", "ema", "swa"), default="auto",
                         help="auto: the seed's rule (SWA average if >1 snapshot, else EMA), as training exports")
     parser.add_argument("--code-size", choices=("raw", "lzma"), default="raw",
@@ -251,9 +256,10 @@ def load_checkpoint(path, weights: str, args: argparse.Namespace) -> tuple[dict[
 def run_export(args: argparse.Namespace) -> dict:
     state_dict, cfg, weights = load_checkpoint(args.checkpoint, args.weights, args)
     start = time.perf_counter()
-    result = export_artifact(state_dict, cfg, args.output, scheme=args.scheme, code_size=args.code_size)
+    result = export_artifact(state_dict, cfg, args.output, scheme=args.scheme, code_size=args.code_size,
+                             int5_storage=args.int5_storage)
     over = result["total_bytes"] - BUDGET_BYTES
-    print(f"artifact {result['path']} ({weights} weights, scheme {args.scheme}, "
+    print(f"artifact {result['path']} ({weights} weights, scheme {args.scheme}, int5 {args.int5_storage}, "
           f"{time.perf_counter() - start:.1f}s)")
     print(f"  model bytes: {result['model_bytes']:>12,}")
     print(f"  code bytes:  {result['code_bytes']:>12,}  ({args.code_size}; {result['code_files']} files: "

@@ -41,6 +41,7 @@ ROWMSE_CLIP_FRACTIONS = (0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 # rowmse scale floor: the smallest normal fp16, only to keep s > 0 for all-zero rows.
 ROWMSE_MIN_SCALE = float(torch.finfo(torch.float16).tiny)
 SCHEMES = ("seed", "rowmse", "rowfloor")
+INT5_STORAGES = ("packed", "int8")
 INT5_CATEGORIES = ("mlp", "attn")
 
 PASSTHROUGH, PASSTHROUGH_CTRL = "passthrough", "passthrough_ctrl"
@@ -281,9 +282,15 @@ def rebank_state_dict(sd: dict[str, Tensor], num_layers: int, template: dict[str
     return out
 
 
-def quantize_state_dict(sd: dict[str, Tensor], scheme: str = "seed") -> tuple[dict[str, Tensor], dict]:
-    """An un-banked state dict -> (w, m) in the seed's format and order."""
+def quantize_state_dict(sd: dict[str, Tensor], scheme: str = "seed",
+                        int5_storage: str = "packed") -> tuple[dict[str, Tensor], dict]:
+    """An un-banked state dict -> (w, m) in the seed's format and order. int5_storage
+    "int8" stores the int5 values one per byte under the seed's {"type": "int8"} format
+    (the seed's loader reads it the same way): LZMA codes bytes better than 5-bit
+    groups that straddle them, so the artifact is smaller for the same values."""
     _check_scheme(scheme)
+    if int5_storage not in INT5_STORAGES:
+        raise ValueError(f"int5_storage must be one of {', '.join(INT5_STORAGES)}, got {int5_storage!r}")
     w: dict[str, Tensor] = {}
     m: dict[str, object] = {}
     for name, tensor in sd.items():
@@ -295,6 +302,9 @@ def quantize_state_dict(sd: dict[str, Tensor], scheme: str = "seed") -> tuple[di
         elif fmt == PASSTHROUGH_CTRL:
             w[name] = t.float()
             m[name] = PASSTHROUGH_CTRL
+        elif fmt == INT5_PACKED and int5_storage == "int8":
+            w[name + ".q"], w[name + ".scale"] = quantize_int5(t, scheme)
+            m[name] = {"type": INT8}
         elif fmt == INT5_PACKED:
             q, scale = quantize_int5(t, scheme)
             w[name + ".q"] = pack_int5(q)

@@ -67,7 +67,7 @@ def test_container_is_the_seeds(exported, trained):
     assert result["code_bytes"] == result["code_bytes_raw"] > result["code_bytes_lzma"] > 0
     assert blob.startswith(b"\xfd7zXZ\x00")  # xz container, as lzma.compress writes it
     obj = torch.load(io.BytesIO(lzma.decompress(blob)), weights_only=True)
-    assert list(obj) == ["w", "m", "config", "scheme"]
+    assert list(obj) == ["w", "m", "config", "scheme", "int5_storage"]
     w, m, _ = direct_round_trip(trained, CFG, "seed")
     assert obj["m"] == m and list(obj["w"]) == list(w)
     for name in w:
@@ -97,6 +97,19 @@ def test_artifact_round_trip_gives_identical_tensors(trained, tmp_path, scheme):
     assert set(sd) == set(trained)
     for name in trained:
         assert sd[name].dtype == trained[name].dtype and torch.equal(sd[name], expected[name]), name
+
+
+def test_int5_stored_as_int8_loads_to_the_same_tensors(trained, tmp_path):
+    packed, as_int8 = tmp_path / "packed.ptz", tmp_path / "int8.ptz"
+    artifact.export_artifact(trained, CFG, packed, scheme="rowmse")
+    artifact.export_artifact(trained, CFG, as_int8, scheme="rowmse", int5_storage="int8")
+    sd_packed, _, _ = artifact.load_artifact(packed)
+    sd_int8, _, info = artifact.load_artifact(as_int8)
+    assert info["formats"]["blocks.0.mlp.fc.weight"] == {"type": "int8"}
+    obj = artifact.read_artifact(as_int8)
+    assert obj["w"]["blocks.0.mlp.fc.weight.q"].abs().max() <= 15
+    for name in trained:
+        assert torch.equal(sd_packed[name], sd_int8[name]), name
 
 
 def test_seed_artifact_without_config_needs_one(trained, tmp_path):
