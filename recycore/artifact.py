@@ -119,6 +119,32 @@ def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: st
             "code_files": sizes["files"], "total_bytes": len(blob) + code_bytes, "budget_bytes": BUDGET_BYTES}
 
 
+def fit_floor(state_dict: dict[str, Tensor], cfg: Config, code_size: str = "raw", int5_storage: str = "packed",
+              steps: int = 6, log=print) -> str:
+    """The "rowfloor:F" scheme with the smallest floor F in [0, 1/15] whose artifact plus code
+    fits BUDGET_BYTES, by bisection (bytes fall as F grows: a coarser step, fewer levels).
+    Only sizes decide, never validation data. When even F = 1/15 does not fit, that is
+    returned and the export reports the overflow."""
+    limit = BUDGET_BYTES - code_sizes()[code_size]
+
+    def size(floor: float) -> int:
+        n = len(serialize_artifact(state_dict, cfg, f"rowfloor:{floor}", int5_storage))
+        log(f"  fit: rowfloor:{floor} -> {n:,} model bytes ({'fits' if n <= limit else 'over'} {limit:,})")
+        return n
+
+    lo, hi = 0.0, round(1.0 / quant.INT5_MAX, 5)
+    if size(hi) > limit:
+        return f"rowfloor:{hi}"
+    if size(lo) <= limit:
+        return f"rowfloor:{lo}"
+    for _ in range(steps):
+        mid = round((lo + hi) / 2, 5)
+        if mid in (lo, hi):
+            break
+        lo, hi = (lo, mid) if size(mid) <= limit else (mid, hi)
+    return f"rowfloor:{hi}"
+
+
 # ---------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------
@@ -185,9 +211,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint (a dict with 'model' and 'config') or a plain "
                         "state dict (the config then comes from the flags/env)")
     parser.add_argument("-o", "--output", default="final_model.int5.ptz", help="the artifact to write")
-    parser.add_argument("--scheme", type=_scheme, default="seed", metavar="|".join((*quant.SCHEMES, "rowfloor:F")),
+    parser.add_argument("--scheme", type=_scheme, default="seed", metavar="|".join((*quant.SCHEMES, "rowfloor:F", "fit")),
                         help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip "
-                        "(lower error, more bytes); rowfloor[:F]: per-row clip under the seed's floor [or the int5 floor F]")
+                        "(lower error, more bytes); rowfloor[:F]: per-row clip under the seed's floor [or the int5 floor F]; "
+                        "fit: rowfloor with the smallest floor that fits the budget (bisection, ~8 exports)")
     parser.add_argument("--int5-storage", choices=quant.INT5_STORAGES, default="packed",
                         help="packed: 8 values in 5 bytes (the seed's); int8: one per byte under the seed's int8 "
                         "format (the seed's loader reads it too; LZMA makes it smaller)")
@@ -222,6 +249,8 @@ def select_weights(ckpt: dict, weights: str) -> tuple[dict[str, Tensor], str]:
 
 
 def _scheme(text: str) -> str:
+    if text == "fit":
+        return text
     try:
         quant.scheme_floor(text)
     except ValueError as exc:
@@ -256,10 +285,13 @@ def load_checkpoint(path, weights: str, args: argparse.Namespace) -> tuple[dict[
 def run_export(args: argparse.Namespace) -> dict:
     state_dict, cfg, weights = load_checkpoint(args.checkpoint, args.weights, args)
     start = time.perf_counter()
-    result = export_artifact(state_dict, cfg, args.output, scheme=args.scheme, code_size=args.code_size,
+    scheme = args.scheme
+    if scheme == "fit":
+        scheme = fit_floor(state_dict, cfg, args.code_size, args.int5_storage)
+    result = export_artifact(state_dict, cfg, args.output, scheme=scheme, code_size=args.code_size,
                              int5_storage=args.int5_storage)
     over = result["total_bytes"] - BUDGET_BYTES
-    print(f"artifact {result['path']} ({weights} weights, scheme {args.scheme}, int5 {args.int5_storage}, "
+    print(f"artifact {result['path']} ({weights} weights, scheme {scheme}, int5 {args.int5_storage}, "
           f"{time.perf_counter() - start:.1f}s)")
     print(f"  model bytes: {result['model_bytes']:>12,}")
     print(f"  code bytes:  {result['code_bytes']:>12,}  ({args.code_size}; {result['code_files']} files: "

@@ -277,3 +277,17 @@ def test_checkpoint_weights_follow_the_seeds_rule():
     assert artifact.select_weights({"model": live, "ema": None, "swa": None}, "auto")[1] == "model"
     with pytest.raises(ValueError, match="no SWA average"):
         artifact.select_weights({"model": live, "ema": ema, "swa": None}, "swa")
+
+
+def test_fit_floor_picks_the_smallest_floor_that_fits(trained, monkeypatch):
+    code = artifact.code_sizes()["raw"]
+    finest = len(artifact.serialize_artifact(trained, CFG, "rowfloor:0"))
+    coarsest = len(artifact.serialize_artifact(trained, CFG, "rowfloor"))
+    assert coarsest < finest
+    monkeypatch.setattr(artifact, "BUDGET_BYTES", code + (finest + coarsest) // 2)
+    scheme = artifact.fit_floor(trained, CFG, steps=2, log=lambda msg: None)
+    floor = quant.scheme_floor(scheme)
+    assert 0 < floor < 1 / 15
+    assert code + len(artifact.serialize_artifact(trained, CFG, scheme)) <= artifact.BUDGET_BYTES
+    monkeypatch.setattr(artifact, "BUDGET_BYTES", code + finest)
+    assert artifact.fit_floor(trained, CFG, log=lambda msg: None) == "rowfloor:0.0"
