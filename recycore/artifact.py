@@ -2,9 +2,9 @@
 `recycore export` / `recycore eval` commands.
 
 Container (the seed's): lzma(preset 9) of torch.save({"w": tensors, "m": formats, ...})
-with recycore.quant's names and formats. We add two keys the seed's loader never
-reads: "config" (the model fields of the Config) and "scheme" (the quantiser).
-Seed-written artifacts have neither; their config comes from flags/env.
+with recycore.quant's names and formats. We add keys the seed's loader never
+reads: "config" (the model fields of the Config), "scheme" (the quantiser) and
+"int5_storage". Seed-written artifacts have none; their config comes from flags/env.
 """
 from __future__ import annotations
 
