@@ -314,12 +314,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="standard: non-overlapping windows; sliding: stride EVAL_STRIDE (the headline)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (rank 0)")
+    parser.add_argument("--int5-direct", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the int5 matrices packed on the device and run them through the K3 kernel "
+                             "(default: on with CUDA, off on the CPU)")
     Config.add_arguments(parser)
 
 
 def build_eval_model(state_dict: dict[str, Tensor], cfg: Config, device) -> torch.nn.Module:
-    """GPT(cfg) with the dequantised weights, in eval mode on `device`. (An int5-direct
-    model, which keeps the packed weights, will be the other way to build it.)"""
+    """GPT(cfg) with the dequantised weights, in eval mode on `device` (the other way is
+    recycore.int5_model.load_int5_model, which keeps the int5 matrices packed)."""
     from recycore.model import GPT
 
     model = GPT(cfg)
@@ -346,15 +349,26 @@ def run_eval(args: argparse.Namespace) -> dict:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
+        from recycore.int5_model import load_int5_model, weight_bytes
+
         requested = Config.from_args(args)
-        state_dict, cfg, info = load_artifact(args.artifact, requested)
+        int5_direct = device.type == "cuda" if args.int5_direct is None else args.int5_direct
+        if int5_direct:
+            model, cfg, info = load_int5_model(args.artifact, requested, device)
+        else:
+            state_dict, cfg, info = load_artifact(args.artifact, requested)
+            model = build_eval_model(state_dict, cfg, device)
         for name in sorted(_explicit_model_fields(args)):
             if getattr(cfg, name) != getattr(requested, name):
                 say(f"note: {name.upper()}={getattr(requested, name)} ignored; the artifact's model has "
                     f"{getattr(cfg, name)}")
         say(f"artifact {args.artifact}: {info['model_bytes']:,} bytes, scheme {info['scheme']}, "
             f"{cfg.num_layers} layers x {cfg.model_dim}, device {device}, world size {world_size}")
-        model = build_eval_model(state_dict, cfg, device)
+        sizes = weight_bytes(model)
+        packed = (f" ({info['int5_matrices']} int5 matrices packed at {sizes['int5_bits_per_weight']:.2f} bits/weight;"
+                  f" dequantised: fp32 banks {sizes['dequantised_fp32']:,}, bf16 {sizes['dequantised_bf16']:,})"
+                  if int5_direct else " (dequantised)")
+        say(f"weights on {device}: {sizes['total']:,} bytes{packed}")
         logits_fn = model.forward_logits
         if cfg.compile_model and device.type == "cuda":
             logits_fn = torch.compile(logits_fn, dynamic=False)
@@ -362,7 +376,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         val_tokens = load_validation_tokens(cfg.data_path, cfg.eval_seq_len, cfg.val_max_tokens)
         say(f"validation: {val_tokens.numel() - 1:,} target tokens, seq_len {cfg.eval_seq_len}")
         results = {"artifact": str(args.artifact), "scheme": info["scheme"], "model_bytes": info["model_bytes"],
-                   "val_tokens": val_tokens.numel() - 1, "world_size": world_size, "device": str(device)}
+                   "val_tokens": val_tokens.numel() - 1, "world_size": world_size, "device": str(device),
+                   "int5_direct": int5_direct, "weight_bytes": sizes}
         runs = []
         if args.mode in ("both", "standard"):
             runs.append(("standard", lambda: evaluate_standard(

@@ -291,3 +291,23 @@ def test_fit_floor_picks_the_smallest_floor_that_fits(trained, monkeypatch):
     assert code + len(artifact.serialize_artifact(trained, CFG, scheme)) <= artifact.BUDGET_BYTES
     monkeypatch.setattr(artifact, "BUDGET_BYTES", code + finest)
     assert artifact.fit_floor(trained, CFG, log=lambda msg: None) == "rowfloor:0.0"
+
+
+def test_eval_int5_direct_matches_the_dequantised_eval(trained, tmp_path, eval_data, capsys):
+    """`recycore eval --int5-direct` (packed weights through K3) gives the dequantised eval's val_bpb."""
+    data_dir, _ = eval_data
+    out = tmp_path / "m.ptz"
+    artifact.export_artifact(trained, CFG, out, scheme="seed")
+    results = {}
+    for flag in ("--int5-direct", "--no-int5-direct"):
+        path = tmp_path / f"{flag}.json"
+        cli_main(["eval", str(out), "--data-path", str(data_dir), "--eval-seq-len", "64", "--eval-batch-seqs", "3",
+                  "--mode", "standard", "--json", str(path), flag])
+        import json
+        results[flag] = json.loads(path.read_text())
+    printed = capsys.readouterr().out
+    assert "int5 matrices packed at 5.00 bits/weight" in printed and "(dequantised)" in printed
+    direct, dense = results["--int5-direct"], results["--no-int5-direct"]
+    assert direct["int5_direct"] and not dense["int5_direct"]
+    assert abs(direct["standard"]["val_bpb"] - dense["standard"]["val_bpb"]) < 1e-3
+    assert direct["weight_bytes"]["total"] < dense["weight_bytes"]["total"]
