@@ -47,6 +47,14 @@ for s in "$@"; do
           stage gpu1 200 env CUDA_VISIBLE_DEVICES=0 python3 -m recycore train "${DEMO[@]}" "${SHORT[@]}" --run-id gpu1
           stage gpu2 200 torchrun --standalone --nproc_per_node=2 -m recycore train "${DEMO[@]}" "${SHORT[@]}" \
              --run-id gpu2 ;;
+    # an exported artifact (ARTIFACT=path, carried) evaluated with packed int5 weights (K3) and dequantised
+    int5) for mode in --int5-direct --no-int5-direct; do
+            stage "eval${mode#--}" 120 python3 -m recycore eval "$R/$ARTIFACT" "${DEMO[@]}" --mode both \
+              --json "$OUT/eval${mode#--}.json" "$mode"
+          done ;;
+    # the kernels' own GPU tests (K1 at the seed shapes, K3, the int5-direct model)
+    ktests) stage ktests 150 python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_mlp.py" \
+              "$R/tests/test_int5_model.py" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
