@@ -6,7 +6,7 @@ import lzma
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import DEVICE, rel_err
 
 from recycore import artifact, int5_model, quant
 from recycore.config import Config
@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(exported):
-    return load_int5_model(exported)
+    return load_int5_model(exported, device=DEVICE)  # K3 runs natively on a GPU, else interpreted
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def dequantised(exported):
     state_dict, cfg, _ = artifact.load_artifact(exported)
     model = GPT(cfg)
     model.load_state_dict(state_dict)
-    return model.eval(), state_dict
+    return model.to(DEVICE).eval(), state_dict
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def int5_forward(loaded):
     """One forward of the int5 model on random sequences, recording every int5_linear call
     (out, in, activation) and every F.linear weight's shape."""
     model = loaded[0]
-    ids = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     int5_calls, dense_shapes = [], []
     real_int5, real_linear = int5_model.int5_linear, F.linear
 
@@ -164,7 +164,7 @@ def test_other_tensors_are_load_artifacts(loaded, dequantised):
     banks), the int8 embedding dequantised to bf16, the control tensors."""
     model = loaded[0]
     flat = quant.unbank_state_dict(dequantised[1], CFG.num_layers)
-    state = model.state_dict()
+    state = {name: t.cpu() for name, t in model.state_dict().items()}
     for name in DENSE_NAMES:
         assert isinstance(model.get_submodule(name.removesuffix(".weight")), DenseMatrix)
     assert state["tok_emb.weight"].dtype == torch.bfloat16
