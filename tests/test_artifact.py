@@ -5,6 +5,8 @@ import lzma
 import pytest
 import torch
 
+from helpers import write_raw_artifact
+
 from recycore import artifact, quant
 from recycore.cli import main as cli_main
 from recycore.config import Config
@@ -47,13 +49,6 @@ def direct_round_trip(state_dict, cfg, scheme):
     flat = quant.unbank_state_dict(state_dict, cfg.num_layers)
     w, m = quant.quantize_state_dict(flat, scheme)
     return w, m, quant.rebank_state_dict(quant.dequantize_state_dict(w, m, flat), cfg.num_layers, state_dict)
-
-
-def write_raw_artifact(path, obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    path.write_bytes(lzma.compress(buf.getvalue(), preset=9))
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +276,7 @@ def test_checkpoint_weights_follow_the_seeds_rule():
 
 def test_fit_floor_picks_the_smallest_floor_that_fits(trained, monkeypatch):
     code = artifact.code_sizes()["raw"]
-    finest = len(artifact.serialize_artifact(trained, CFG, "rowfloor:0"))
+    finest = len(artifact.serialize_artifact(trained, CFG, "rowfloor:0.0"))  # the name is stored: spell it as fit_floor does
     coarsest = len(artifact.serialize_artifact(trained, CFG, "rowfloor"))
     assert coarsest < finest
     monkeypatch.setattr(artifact, "BUDGET_BYTES", code + (finest + coarsest) // 2)

@@ -1,12 +1,10 @@
 """recycore.int5_model: the artifact evaluated with its int5 bank matrices kept packed (K3)
 matches the dequantised model; storage, fallbacks, dispatch and clear errors."""
-import io
-import lzma
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, rel_err, write_raw_artifact
 
 from recycore import artifact, int5_model, quant
 from recycore.config import Config
@@ -79,13 +77,6 @@ def int5_forward(loaded):
 def token_loss(logits, ids):
     """GPT.forward's loss from the logits."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).item()
-
-
-def write_artifact(path, obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    path.write_bytes(lzma.compress(buf.getvalue(), preset=0))
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -209,7 +200,7 @@ def _short_scale(w, key):
 def test_corrupt_int5_matrix_is_a_clear_error(exported, tmp_path, suffix, corrupt, message):
     obj = artifact.read_artifact(exported)
     corrupt(obj["w"], "blocks.0.mlp.fc.weight" + suffix)
-    path = write_artifact(tmp_path / "bad.ptz", obj)
+    path = write_raw_artifact(tmp_path / "bad.ptz", obj)
     with pytest.raises(ArtifactError, match=message):
         load_int5_model(path)
 
@@ -218,6 +209,6 @@ def test_missing_format_entry_and_file_are_clear_errors(exported, tmp_path):
     obj = artifact.read_artifact(exported)
     del obj["m"]["blocks.1.attn.proj.weight"]
     with pytest.raises(ArtifactError, match=r"lacks tensor blocks\.1\.attn\.proj\.weight"):
-        load_int5_model(write_artifact(tmp_path / "bad.ptz", obj))
+        load_int5_model(write_raw_artifact(tmp_path / "bad.ptz", obj))
     with pytest.raises(FileNotFoundError):
         load_int5_model(tmp_path / "absent.ptz")
