@@ -1,5 +1,7 @@
-"""`recycore <command>`: each command lives in its own module, imported only
-when it runs, as (module, add-arguments function, run function)."""
+"""recycore: data, training, benchmarks and int5 evaluation of the 12L RecycledCore model.
+
+Each command lives in its own module, imported only when it runs, as
+(module, add-arguments function, run function)."""
 from __future__ import annotations
 
 import argparse
