@@ -335,18 +335,15 @@ def _explicit_model_fields(args: argparse.Namespace) -> set[str]:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    import torch.distributed as dist
-
     from recycore.data import load_validation_tokens
     from recycore.evaluate import build_byte_tables, evaluate_sliding, evaluate_standard, load_tokenizer
+    from recycore.train import process_context
 
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    ctx = process_context()  # rank/world size from torchrun; nccl on CUDA, gloo on the CPU
+    if args.device:
+        ctx.device = torch.device(args.device)
+    ctx.start()
+    world_size, rank, device = ctx.world_size, ctx.rank, ctx.device
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         from recycore.int5_model import load_int5_model, weight_bytes
@@ -400,5 +397,4 @@ def run_eval(args: argparse.Namespace) -> dict:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return results
     finally:
-        if world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        ctx.stop()
