@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call = one run of this script: `bash benchmarks/h200.sh STAGE...` from the repo root.
-# Stages: tests model train (see below). Everything logs to $OUT/all.log; a summary prints last.
+# Stages: see the case below. Everything logs to $OUT/all.log; a summary prints last.
+# On a machine with several GPUs, `bash benchmarks/h200.sh parallel 0=STAGE,STAGE 1=STAGE ...` runs
+# each list on its own GPU at once (CUDA_VISIBLE_DEVICES=N, output under $OUT/gpuN), with env
+# assignments allowed in a list (`1=KERNELS=reference,train`).
 #
 # The lent H200 cannot `pip install -e .` (setuptools re-runs pip with build isolation, which needs the
 # network), so recycore runs from a symlink tree on PYTHONPATH: recycore/* plus kernels/ as
@@ -8,13 +11,26 @@
 set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ "${1:-}" = parallel ]; then
+  shift
+  for spec in "$@"; do
+    gpu=${spec%%=*}; IFS=, read -r -a items <<< "${spec#*=}"
+    envs=(); stages=()
+    for item in "${items[@]}"; do [[ $item == *=* ]] && envs+=("$item") || stages+=("$item"); done
+    env "${envs[@]}" CUDA_VISIBLE_DEVICES="$gpu" OUT="$OUT/gpu$gpu" bash "$0" "${stages[@]}" \
+      > "$OUT/gpu$gpu.log" 2>&1 &
+  done
+  wait
+  for spec in "$@"; do echo "=== gpu ${spec%%=*}: ${spec#*=}"; sed -n '/^=== summary/,$p' "$OUT/gpu${spec%%=*}.log"; done
+  exit 0
+fi
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$R/.cache/inductor}
-P=/tmp/recycore_path; rm -rf "$P"; mkdir -p "$P/recycore"
+P=/tmp/recycore_path_$$; rm -rf "$P"; mkdir -p "$P/recycore"
 for f in "$R"/recycore/*; do ln -s "$f" "$P/recycore/"; done
 ln -s "$R/kernels" "$P/recycore/kernels"
 export PYTHONPATH=$P
-mkdir -p /tmp/recycore_work && cd /tmp/recycore_work || exit 1
+mkdir -p /tmp/recycore_work_$$ && cd /tmp/recycore_work_$$ || exit 1
 LOG=$OUT/all.log
 declare -a SUMMARY
 stage() {  # stage NAME TIMEOUT_S COMMAND...
@@ -24,6 +40,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   SUMMARY+=("$(printf '%-8s rc=%-4s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  return "$rc"
 }
 python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
@@ -33,13 +50,29 @@ for s in "$@"; do
     # the model with kernels=triton against the reference model, at the seed's width, on the GPU
     tests) stage tests 100 python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_model_kernels.py" ;;
     # whole-model micro-step (48 x 2048, fwd+bwd): reference compiled vs triton, with the profile of each
-    model) stage model 260 python3 -m pytest -q -s -p no:cacheprovider "$R/benchmarks/test_bench_model.py" \
-             --benchmark-json="$OUT/model.json" ;;
+    # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, one step of that path
+    # is compiled first under MAT_LIMIT seconds, filling the inductor cache the benchmark then reuses;
+    # if that does not finish, the path is dropped)
+    model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,triton}
+           if [[ $paths == *max-autotune* ]]; then
+             stage mat-warm "${MAT_LIMIT:-300}" python3 -c "import torch; from recycore.bench import micro_step; \
+from recycore.config import Config; print(micro_step('reference-max-autotune', Config(), repeats=3))" \
+               || paths=$(echo "$paths" | sed 's/reference-max-autotune,\?//; s/,$//')
+             tar czf "$OUT/inductor_cache.tgz" -C "$R/.cache" inductor 2>/dev/null
+           fi
+           RECYCORE_BENCH_PATHS=$paths stage model "${MODEL_LIMIT:-260}" python3 -m pytest -q -s -p no:cacheprovider \
+             "$R/benchmarks/test_bench_model.py" --benchmark-json="$OUT/model.json" ;;
+    # per-kernel benchmarks (BENCH_FILES: which of K1 mlp, K2 attention, K3 int5), pytest-benchmark JSON
+    suite) files=(); for k in ${BENCH_FILES:-mlp attention int5}; do files+=("$R/benchmarks/test_bench_$k.py"); done
+           stage suite "${SUITE_LIMIT:-500}" python3 -m pytest -q -s -p no:cacheprovider "${files[@]}" \
+             --benchmark-json="$OUT/suite.json" ;;
     # the seed's config on the demo data with the fused kernels, wall-clock capped, then the int5
     # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
-    train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels triton --run-id h200_triton \
-             --max-wallclock-seconds "${TRAIN_SECONDS:-70}" --warmdown-iters 30 --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
-             --val-loss-every 0 --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
+    # (KERNELS=reference for the reference model, compiled; run id h200_$KERNELS)
+    train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-triton}" \
+             --run-id "h200_${KERNELS:-triton}" --max-wallclock-seconds "${TRAIN_SECONDS:-70}" \
+             --warmdown-iters "${WARMDOWN_ITERS:-30}" --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
+             --val-loss-every "${VAL_EVERY:-0}" --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
     # same global batch (786,432 tokens) on 1 GPU (8 micro-steps) and on 2 GPUs (4 each): losses must agree
     dist) SHORT=(--kernels triton --compile-model 0 --iterations "${DIST_STEPS:-12}" --max-wallclock-seconds 0
                  --warmup-steps 0 --warmdown-iters 0 --val-loss-every 0 --train-log-every 1
@@ -47,9 +80,11 @@ for s in "$@"; do
           stage gpu1 200 env CUDA_VISIBLE_DEVICES=0 python3 -m recycore train "${DEMO[@]}" "${SHORT[@]}" --run-id gpu1
           stage gpu2 200 torchrun --standalone --nproc_per_node=2 -m recycore train "${DEMO[@]}" "${SHORT[@]}" \
              --run-id gpu2 ;;
-    # an exported artifact (ARTIFACT=path, carried) evaluated with packed int5 weights (K3) and dequantised
-    int5) for mode in --int5-direct --no-int5-direct; do
-            stage "eval${mode#--}" 120 python3 -m recycore eval "$R/$ARTIFACT" "${DEMO[@]}" --mode both \
+    # an exported artifact (ARTIFACT=path: absolute, or relative to the repo and carried) evaluated with
+    # packed int5 weights (K3) and dequantised, both compiled
+    int5) art=$ARTIFACT; [[ $art == /* ]] || art=$R/$art
+          for mode in --int5-direct --no-int5-direct; do
+            stage "eval${mode#--}" "${EVAL_LIMIT:-120}" python3 -m recycore eval "$art" "${DEMO[@]}" --mode both \
               --json "$OUT/eval${mode#--}.json" "$mode"
           done ;;
     # the kernels' own GPU tests (K1 at the seed shapes, K3, the int5-direct model)

@@ -1,7 +1,10 @@
 """Turn pytest-benchmark JSON into the results table (markdown) and PNG charts, written
 beside the JSON as <name>.md and <name>_NN.png (one chart per benchmark group).
 
-    python benchmarks/report.py benchmarks/results/h200.json [--out benchmarks/results]
+    python benchmarks/report.py benchmarks/results/h200.json [more.json ...] [--out DIR] [--name STEM]
+
+Several JSON files (runs of parts of the suite, e.g. on different GPUs of one host) merge into
+one table named after the first (or --name).
 
 Every benchmark stores its figures in extra_info (bench_utils.gpu_time or the
 model benchmark): group, label, ms, tflops / tbps, and `baseline` on the entry
@@ -41,14 +44,14 @@ def markdown(by_group, meta, rows):
     gpu = rows[0].get("gpu", "?") if rows else "?"
     versions = {r.get("torch", "") for r in rows} | {r.get("triton", "") for r in rows}
     lines = [f"GPU: {gpu}; torch/triton: {', '.join(sorted(v for v in versions if v))}; date: {meta['date']}", "",
-             "| group | variant | ms | TFLOP/s | TB/s | speedup vs baseline | peak GiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| group | variant | ms | TFLOP/s | TB/s | tokens/s | speedup vs baseline | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for group, group_rows in by_group.items():
         for r in group_rows:
             fmt = lambda key, spec: (format(r[key], spec) if r.get(key) is not None else "")  # noqa: E731
             mark = " (baseline)" if r.get("baseline") else ""
             lines.append(f"| {group} | {r['label']}{mark} | {r['ms']:.3f} | {fmt('tflops', '.0f')} | "
-                         f"{fmt('tbps', '.2f')} | {fmt('speedup', '.2f')}{'x' if r.get('speedup') else ''} | "
+                         f"{fmt('tbps', '.2f')} | {fmt('tokens_per_s', ',.0f')} | {fmt('speedup', '.2f')}{'x' if r.get('speedup') else ''} | "
                          f"{fmt('peak_gib', '.1f')} |")
     return "\n".join(lines) + "\n"
 
@@ -84,17 +87,22 @@ def charts(by_group, out_dir, stem):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json")
+    parser.add_argument("json", nargs="+")
     parser.add_argument("--out", default=None,
-                        help="folder for <name>.md and <name>_NN.png (default: beside the JSON)")
+                        help="folder for <name>.md and <name>_NN.png (default: beside the first JSON)")
+    parser.add_argument("--name", default=None, help="output stem (default: the first JSON's)")
     args = parser.parse_args()
-    rows, meta = load_rows(args.json)
+    rows, meta = [], None
+    for path in args.json:
+        more, more_meta = load_rows(path)
+        rows += more
+        meta = meta or more_meta
     if not rows:
-        raise SystemExit(f"{args.json}: no benchmark figures (were they all skipped without CUDA?)")
+        raise SystemExit(f"{', '.join(args.json)}: no benchmark figures (were they all skipped without CUDA?)")
     by_group = speedups(rows)
-    out_dir = Path(args.out or Path(args.json).parent)
+    out_dir = Path(args.out or Path(args.json[0]).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.json).stem
+    stem = args.name or Path(args.json[0]).stem
     table = markdown(by_group, meta, rows)
     (out_dir / f"{stem}.md").write_text(table)
     print(table)

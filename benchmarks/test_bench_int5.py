@@ -220,3 +220,56 @@ if __name__ == "__main__":
         precompile_sweep(out)
     else:
         sweep(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole sliding-window evaluation: the seed model from an int5 artifact, int5-direct vs dequantised
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seed_artifact(tmp_path_factory):
+    """An artifact of the seed config with random (non-zero) weights; exported once."""
+    from recycore.artifact import export_artifact
+    from recycore.config import Config
+    from recycore.model import GPT
+
+    cfg = Config()
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02)
+    path = tmp_path_factory.mktemp("artifact") / "seed_random.int5.ptz"
+    export_artifact(model.state_dict(), cfg, path)
+    return path, cfg
+
+
+@requires_cuda
+@pytest.mark.parametrize("path", ["int5_direct", "dequantised"])
+def test_bench_eval_throughput(benchmark, seed_artifact, path):
+    """One batch of the sliding-window evaluation (EVAL_BATCH_SEQS windows of EVAL_SEQ_LEN tokens,
+    forward + per-token NLL), both models under torch.compile as `recycore eval` runs them."""
+    from recycore.artifact import build_eval_model, load_artifact
+    from recycore.evaluate import token_nll
+    from recycore.int5_model import load_int5_model, weight_bytes
+
+    artifact_path, cfg = seed_artifact
+    if path == "int5_direct":
+        model, cfg, _ = load_int5_model(artifact_path, cfg, DEVICE)
+    else:
+        state_dict, cfg, _ = load_artifact(artifact_path, cfg)
+        model = build_eval_model(state_dict, cfg, DEVICE)
+    logits_fn = torch.compile(model.forward_logits, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (cfg.eval_batch_seqs, cfg.eval_seq_len + 1), generator=g).to(DEVICE)
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def batch():
+        with torch.no_grad():
+            token_nll(logits_fn, x, y)
+
+    ms = gpu_time(benchmark, batch, group=f"eval batch ({cfg.eval_batch_seqs}x{cfg.eval_seq_len}, seed model)",
+                  label=path, baseline=path == "dequantised", weight_bytes=weight_bytes(model)["total"])
+    windows_per_s = cfg.eval_batch_seqs / ms * 1e3
+    benchmark.extra_info.update(windows_per_s=windows_per_s, tokens_per_s=windows_per_s * cfg.eval_seq_len,
+                                scored_tokens_per_s=windows_per_s * cfg.eval_stride)

@@ -579,9 +579,12 @@ def _train(ctx: Context, cfg: Config, accum: int, sp, val_tokens: Tensor, ckpt: 
 
     if reached_cap and step < cfg.iterations:
         ctx.log(f"stopping early: wall-clock cap {cfg.max_wallclock_seconds:.0f}s reached at step {step}")
+    memory = {}
     if on_cuda:
-        ctx.log(f"peak memory allocated {torch.cuda.max_memory_allocated() // 2**20} MiB, "
-                f"reserved {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        memory = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                  "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        ctx.log(f"peak memory allocated {memory['peak_allocated_gib']:.2f} GiB, "
+                f"reserved {memory['peak_reserved_gib']:.2f} GiB")
 
     # --- averaging, then the pre-quantisation figure ---
     # final.pt keeps the live weights ("model", to resume from) and the kept
@@ -607,7 +610,7 @@ def _train(ctx: Context, cfg: Config, accum: int, sp, val_tokens: Tensor, ckpt: 
         "ms_per_step": training_time_ms / max(step, 1), "train_loss": None if train_loss is None else train_loss.item(),
         "live_val_loss": live.get("val_loss"), "live_val_bpb": live.get("val_bpb"),
         "averaging": choice, "swa_snapshots": averages.swa_count, "ema_decay": ema_decay,
-        "prequant_val_loss": val_loss, "prequant_val_bpb": val_bpb, **ema_figures,
+        "prequant_val_loss": val_loss, "prequant_val_bpb": val_bpb, **ema_figures, **memory,
         "checkpoint": str(checkpoint_path), "log": str(ctx.log_path), "metrics": str(ctx.metrics_path),
     }
     record(event="prequant", step=step, averaging=choice, val_loss=val_loss, val_bpb=val_bpb,

@@ -38,8 +38,22 @@ def test_report_table_and_speedups(tmp_path):
     out = subprocess.run([sys.executable, str(REPORT), str(path)], capture_output=True, text=True, check=True)
     table = (tmp_path / "r.md").read_text()
     assert (tmp_path / "r_00.png").exists()
-    assert "| g | ours | 1.600 | 125 |  | 1.25x |" in table and "NVIDIA H200" in table
+    assert "| g | ours | 1.600 | 125 |  |  | 1.25x |" in table and "NVIDIA H200" in table
     assert "table" not in out.stderr.lower()
+
+
+def test_report_merges_runs(tmp_path):
+    """Parts of the suite run on different GPUs merge into one table; groups keep their baselines."""
+    def run(label, ms, baseline, **extra):
+        return {"name": label, "extra_info": {"group": "g", "label": label, "ms": ms, "baseline": baseline, **extra}}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"datetime": "2026-11-28", "benchmarks": [run("base", 3.0, True)]}))
+    second.write_text(json.dumps({"benchmarks": [run("ours", 2.0, False, tokens_per_s=12345.6)]}))
+    subprocess.run([sys.executable, str(REPORT), str(first), str(second), "--name", "merged"],
+                   capture_output=True, text=True, check=True)
+    table = (tmp_path / "merged.md").read_text()
+    assert "| g | ours | 2.000 |  |  | 12,346 | 1.50x |" in table
 
 
 def test_report_refuses_empty_results(tmp_path):
