@@ -53,7 +53,7 @@ for s in "$@"; do
     # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, one step of that path
     # is compiled first under MAT_LIMIT seconds, filling the inductor cache the benchmark then reuses;
     # if that does not finish, the path is dropped)
-    model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,triton}
+    model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,triton}; paths=${paths//+/,}
            if [[ $paths == *max-autotune* ]]; then
              stage mat-warm "${MAT_LIMIT:-300}" python3 -c "import torch; from recycore.bench import micro_step; \
 from recycore.config import Config; print(micro_step('reference-max-autotune', Config(), repeats=3))" \

@@ -6,6 +6,7 @@ reference-max-autotune for the per-block max-autotune compile, which takes
 minutes: keep TORCHINDUCTOR_CACHE_DIR in an ignored folder such as
 .cache/inductor so a later run reuses its autotuning)."""
 import os
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from bench_utils import requires_cuda
 
 from recycore.config import Config
 
-PATHS = os.environ.get("RECYCORE_BENCH_PATHS", "reference-compiled,triton").split(",")
+PATHS = re.split("[,+]", os.environ.get("RECYCORE_BENCH_PATHS", "reference-compiled,triton"))
 # speed-ups are against max-autotune when it runs (the headline), else against the default compile
 BASELINE = "reference-max-autotune" if "reference-max-autotune" in PATHS else "reference-compiled"
 # fwd+bwd matmul work per micro-step (KERNELS.md): ~19.8 TFLOP of GEMMs + ~10.1 TFLOP of attention
