@@ -7,8 +7,9 @@ TFLOP/s count the GEMMs: 2 * 2*M*d*h forward, 6 * 2*M*d*h forward+backward.
 
 `python benchmarks/test_bench_mlp.py OUT_DIR --precompile` compiles the sweep's kernels in parallel
 processes (Triton's disk cache), `python benchmarks/test_bench_mlp.py OUT_DIR` then sweeps block
-configs and split-K for each of the six GEMMs, times the alternatives of each (Triton vs cuBLAS),
-keeps the best configs of the template GEMMs (OUT_DIR/k1_best.json), profiles our forward+backward
+configs and split-K for each of the six GEMMs, times the alternatives of each (Triton vs cuBLAS;
+the M-tiled GEMMs also on the template's persistent TMA kernel, GemmConfig(persistent=True)),
+keeps the best configs of the template GEMMs (OUT_DIR/k1_best.json, persistent or not), profiles our forward+backward
 and times ours and the bare cuBLAS GEMMs with them (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` then times ours (with
 k1_best.json) against the max-autotune baseline in a fresh process (OUT_DIR/k1_baseline.json).
 """
@@ -159,6 +160,28 @@ def _k1_call(t, role, variant, config, split_k):
     return lambda: gemm(t["d_pre"].t(), t["u"].t(), out=t["dw_up"], split_k=split_k, **kw)
 
 
+# Persistent TMA configs (gemm.py, config.persistent) for the M-tiled GEMMs at K = 512 / 1536.
+# Shared memory per CTA, as the offline sm_90 compiles of gemm._gemm_persistent_kernel measured it:
+# stages x (BM + BN) x BK bf16 operand ring + one BM x BN' bf16 staging tile for the TMA stores
+# (pre and post share it) + one more for the `pre` that the d_pre epilogue reads (BN' = BN / 2 with
+# epilogue_subtile); a config that exceeds the H200's 227 KB per block is left out of that role.
+_SMEM_PER_BLOCK = 227 * 1024
+
+
+def _persistent_smem(config, reads_pre):
+    store_n = config.block_n // 2 if config.epilogue_subtile else config.block_n
+    ring = config.num_stages * (config.block_m + config.block_n) * config.block_k * 2
+    return ring + (2 if reads_pre else 1) * config.block_m * store_n * 2
+
+
+def _persistent_configs():
+    from recycore.kernels.gemm import GemmConfig
+
+    shapes = [(128, 256, 3), (128, 256, 4), (256, 128, 3), (256, 128, 4), (128, 128, 4)]
+    return [GemmConfig(bm, bn, 64, 8, 8, stages, persistent=True, epilogue_subtile=sub)
+            for bm, bn, stages in shapes for sub in (False, True)]
+
+
 def _k1_cases():
     from recycore.kernels.gemm import GemmConfig, default_split_k
 
@@ -174,6 +197,13 @@ def _k1_cases():
                   ("du", "plain", c, 1)]
     for c in big_m[:2]:
         cases.append(("up", "pre", c, 1))
+    # The same roles and variants on the persistent kernel: the best row per (role, variant) may be
+    # either kind, and _apply_best then selects it (the config carries persistent=True).
+    for c in _persistent_configs():
+        for role, variant in (("up", "pre+post"), ("up", "pre"), ("d_pre", "grad epilogue"),
+                              ("down", "plain(post)"), ("du", "plain")):
+            if _persistent_smem(c, reads_pre=role == "d_pre") <= _SMEM_PER_BLOCK:
+                cases.append((role, variant, c, 1))
     for c in weight_grad:
         split = default_split_k(SEED_D, SEED_H, SEED_M, c, torch.device(DEVICE))
         for s in sorted({max(2, split // 2), split, 2 * split}):
@@ -271,15 +301,20 @@ def sweep(out_dir):
         print(f"{role:8s} {variant:14s} {str(config):95s} split={split_k:<3d} {row.get('ms', float('nan')):.4f} ms "
               f"{row.get('tflops', 0):4.0f} TF {row.get('error', '')}", flush=True)
 
-    best = {}
+    best, best_by_kind = {}, {}
     for row in report["rows"]:
         key = (row["role"], row["variant"])
+        kind = "cublas" if row["config"] is None else "persistent" if row["config"].persistent else "tiled"
         if "ms" in row and (key not in best or row["ms"] < best[key]["ms"]):
             best[key] = row
-    print("\nbest per GEMM and variant:")
-    for (role, variant), row in sorted(best.items()):
-        print(f"{role:8s} {variant:14s} {row['ms']:.4f} ms {row['tflops']:4.0f} TF  {row['config']} "
+        if "ms" in row and ((*key, kind) not in best_by_kind or row["ms"] < best_by_kind[(*key, kind)]["ms"]):
+            best_by_kind[(*key, kind)] = row
+    print("\nbest per GEMM, variant and kernel (tiled = one tile per program, persistent = TMA loop):")
+    for (role, variant, kind), row in sorted(best_by_kind.items()):
+        print(f"{role:8s} {variant:14s} {kind:10s} {row['ms']:.4f} ms {row['tflops']:4.0f} TF  {row['config']} "
               f"split={row['split_k']}")
+    report["best_by_kind"] = [{"role": r, "variant": v, "kind": k, "ms": row["ms"], "config": row["config"]}
+                              for (r, v, k), row in sorted(best_by_kind.items())]
     chosen = {}
     for role, variant in OUR_VARIANTS.items():
         row = best[(role, variant)]

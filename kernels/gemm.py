@@ -15,7 +15,18 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
   d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`);
 - split-K over the second grid axis: each split writes its fp32 partial C into a workspace slice,
   and `_splitk_reduce_kernel` sums the slices and applies ROW_SCALE and the epilogue (no atomics,
-  deterministic).
+  deterministic);
+- `GemmConfig.persistent` (float operands, no split-K) runs `_gemm_persistent_kernel` instead: one
+  program per SM loops over the output tiles (same grouped order), reading A and B through TMA
+  descriptors and storing the epilogue through them (optionally in two BLOCK_N / 2 halves,
+  `epilogue_subtile`, which halves the shared-memory staging of the stores). Why: at K = 512 the
+  main loop is short and the fused epilogue (two (M, h) bf16 outputs, or a read of `pre`) dominates;
+  a one-tile-per-program kernel cannot overlap that epilogue with anything, while the persistent
+  loop (flattened, so the pipeliner prefetches the next tile's first K-steps during the epilogue)
+  and the asynchronous TMA stores can. A transposed operand (`x.t()`, unit stride along the rows)
+  gets a descriptor on its storage with a transposed block and a `tl.trans` after the load; ragged
+  edges rely on TMA (zero padding on loads, clipped stores). Operands or outputs TMA cannot address
+  (base or leading stride not 16-byte aligned, no unit stride) fall back to `_gemm_kernel`.
 
 INT5 layout (what `int5.py` transcodes the artifact into, once at load time): per weight row, the
 values u = q + 15 in [0, 30] are taken in groups of INT5_GROUP = 128 along K (the row is padded with
@@ -33,6 +44,7 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from recycore.kernels._common import INTERPRET, check_tensor
 
@@ -56,11 +68,15 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # for callers that split K: 0 = default_split_k's choice
+    # Persistent TMA kernel (float operands, split_k 1; see the module doc); ignored otherwise.
+    persistent: bool = False
+    epilogue_subtile: bool = False  # persistent only: store the tile as two BLOCK_N / 2 halves
 
 
 # The interpreter costs ~5 ms per program-tile step whatever the tile: one config, few big steps.
 INTERPRET_CONFIG = GemmConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1)
 INTERPRET_INT5_CONFIG = GemmConfig(32, 32, INT5_GROUP, group_m=4, num_warps=4, num_stages=1)
+INTERPRET_PROGRAMS = 3  # the persistent kernel's "SM count" under the interpreter: several tiles each
 
 
 def default_config(M, N, K, int5=False):
@@ -102,6 +118,17 @@ def _leaky_relu2(x):
 
 
 @triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share B tiles while they are hot in L2."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % pids_per_group) % group_size_m
+    pid_n = (tile_id % pids_per_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """The (BLOCK_N, INT5_GROUP) tile of q = u - 15 for k in [k0, k0 + 128), in bf16 (fp32 under
     UPCAST); weight row n starts at b_ptr + n * stride_bn (see the module doc for the layout)."""
@@ -120,25 +147,42 @@ def _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _put(dst, offs, mask, value, TMA: tl.constexpr):
+    """Store `value` in dst's dtype: a pointer tile (offs, mask), or under TMA a descriptor block at
+    offs = (row, col) (TMA clips the rows and columns past the tensor's edge)."""
+    if TMA:
+        dst.store(offs, value.to(dst.dtype))
+    else:
+        tl.store(dst + offs, value.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr,
                     EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    """Apply the epilogue to the fp32 tile `acc` and store it at `offs` (shared by the GEMM and
-    the split-K reduction; the outputs are contiguous (M, N) tensors)."""
+                    UPCAST: tl.constexpr, TMA: tl.constexpr = False):
+    """Apply the epilogue to the fp32 tile `acc` and store it at `offs` (shared by the GEMM, the
+    persistent GEMM and the split-K reduction; the outputs are contiguous (M, N) tensors, given as
+    pointers, or under TMA as descriptors with offs = the block's (row, col))."""
     if EPILOGUE == 1:  # LEAKY_RELU2: acc is pre
-        pre = acc.to(pre_ptr.dtype.element_ty)  # post is computed from the pre that backward sees
+        # post is computed from the pre that backward sees (rounded to pre's dtype)
+        if TMA:
+            pre = acc.to(pre_ptr.dtype)
+        else:
+            pre = acc.to(pre_ptr.dtype.element_ty)
         if STORE_PRE:
-            tl.store(pre_ptr + offs, pre, mask=mask)
+            _put(pre_ptr, offs, mask, pre, TMA)
         if STORE_POST:
             if UPCAST:
                 pre = pre.to(tl.float32)
-            tl.store(post_ptr + offs, _leaky_relu2(pre).to(post_ptr.dtype.element_ty), mask=mask)
+            _put(post_ptr, offs, mask, _leaky_relu2(pre), TMA)
     elif EPILOGUE == 2:  # LEAKY_RELU2_GRAD: acc is d_post
-        pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d_pre = acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
-        tl.store(out_ptr + offs, d_pre.to(out_ptr.dtype.element_ty), mask=mask)
+        if TMA:
+            pre = pre_ptr.load(offs).to(tl.float32)  # zero-padded past the edges
+        else:
+            pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        _put(out_ptr, offs, mask, acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre), TMA)
     else:
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _put(out_ptr, offs, mask, acc, TMA)
 
 
 @triton.jit
@@ -151,15 +195,7 @@ def _gemm_kernel(
     WRITE_PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share B tiles while they are hot in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-    pid_n = (pid % pids_per_group) // group_size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,6 +245,68 @@ def _gemm_kernel(
 
 
 @triton.jit
+def _gemm_persistent_kernel(
+    a_desc, b_desc, out_desc, pre_desc, post_desc, scale_ptr,
+    M, N, K,
+    A_T: tl.constexpr, B_T: tl.constexpr,
+    EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr,
+):
+    """C = A B^T like `_gemm_kernel` (float operands, no split-K), one program per SM looping over
+    the tiles. A_T / B_T: the descriptor is over the operand's transposed storage ((K, M) / (K, N)
+    row-major, an `x.t()` view), its blocks are (BLOCK_K, rows)."""
+    # The program count is a run-time value (not a constexpr): one binary for every grid size.
+    num_programs = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_steps = tl.cdiv(K, BLOCK_K)
+    # The epilogue recomputes its tile's coordinates from its own counter, so that nothing of the
+    # flattened loop's prologue (the next tile's loads) waits on values held for the epilogue.
+    epilogue_tile = tl.program_id(0) - num_programs
+    # flatten: tiles x K-steps as one software-pipelined loop, so the next tile's first loads are
+    # in flight while this tile's epilogue runs and its TMA stores drain.
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ks in range(k_steps):  # K past the edge: TMA pads both operands with zeros
+            k0 = ks * BLOCK_K
+            if A_T:
+                a = tl.trans(a_desc.load([k0, m0]))
+            else:
+                a = a_desc.load([m0, k0])
+            if B_T:
+                b = b_desc.load([k0, n0])
+            else:
+                b = tl.trans(b_desc.load([n0, k0]))
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        epilogue_tile += num_programs
+        pid_m, pid_n = _tile_coords(epilogue_tile, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        if ROW_SCALE:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory staging
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _store_epilogue(acc0, (m0, n0), None, out_desc, pre_desc, post_desc,
+                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True)
+            _store_epilogue(acc1, (m0, n0 + BLOCK_N // 2), None, out_desc, pre_desc, post_desc,
+                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True)
+        else:
+            _store_epilogue(acc, (m0, n0), None, out_desc, pre_desc, post_desc,
+                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True)
+
+
+@triton.jit
 def _splitk_reduce_kernel(
     ws_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, MN, N, split_k,
     EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr,
@@ -242,6 +340,8 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
     epilogue NONE and LEAKY_RELU2_GRAD write `out` (the latter reads `pre`); LEAKY_RELU2 writes
     `pre` and/or `post`. `scale` (N,) multiplies column n before the epilogue (ROW_SCALE).
     split_k > 1 sums fp32 partials in a workspace (not with LEAKY_RELU2_GRAD).
+    config.persistent: the persistent TMA kernel, when split_k is 1, b is not INT5 and every tensor
+    suits TMA (see `_launch_persistent`); otherwise the one-tile-per-program kernel runs.
     """
     check_tensor(a, "a", ndim=2, dtypes=_FLOAT_DTYPES)
     device = a.device
@@ -299,6 +399,11 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         target = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
     else:
         target = out
+        if config.persistent and int5_k is None:
+            outputs = [t for t in (out, pre, post) if t is not None]
+            if _launch_persistent(a, b, out, pre_arg, post_arg, scale, outputs, epilogue, store_pre, store_post,
+                                  M, N, K, config):
+                return
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
     _gemm_kernel[grid](
         a, b, target, pre_arg, post_arg, scale_arg,
@@ -317,3 +422,47 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
             EPILOGUE=epilogue, ROW_SCALE=scale is not None,
             STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=INTERPRET, BLOCK=_REDUCE_BLOCK,
         )
+
+
+def _tma_aligned(t, lead_stride):
+    """TMA addresses t with unit last stride: 16-byte aligned base and leading stride."""
+    return t.data_ptr() % 16 == 0 and (lead_stride * t.element_size()) % 16 == 0
+
+
+def _operand_descriptor(x, block_rows, block_k):
+    """(descriptor, transposed) for an (R, K) operand, or None when TMA cannot read it: rows
+    contiguous -> blocks (block_rows, block_k) of x; an `x.t()` view (unit stride along R) -> blocks
+    (block_k, block_rows) of its (K, R) storage, transposed in the kernel."""
+    rows, k = x.shape
+    if x.stride(1) == 1 and _tma_aligned(x, x.stride(0)):
+        return TensorDescriptor(x, [rows, k], [x.stride(0), 1], [block_rows, block_k]), False
+    if x.stride(0) == 1 and _tma_aligned(x, x.stride(1)):
+        return TensorDescriptor(x, [k, rows], [x.stride(1), 1], [block_k, block_rows]), True
+    return None
+
+
+def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre, store_post, M, N, K, config):
+    """Launch `_gemm_persistent_kernel`; False (nothing launched) when a tensor does not suit TMA."""
+    if min(M, N, K) == 0 or not all(_tma_aligned(t, N) for t in outputs):
+        return False
+    a_view = _operand_descriptor(a, config.block_m, config.block_k)
+    b_view = _operand_descriptor(b, config.block_n, config.block_k)
+    if a_view is None or b_view is None:
+        return False
+    store_n = config.block_n // 2 if config.epilogue_subtile else config.block_n
+    # out / pre / post are contiguous (M, N); unused slots get any valid descriptor (pruned constexpr)
+    out_desc, pre_desc, post_desc = (
+        TensorDescriptor(t, [M, N], [N, 1], [config.block_m, store_n]) for t in (out, pre, post))
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    programs = min(tiles, INTERPRET_PROGRAMS if INTERPRET else num_sms(a.device.index or 0))
+    _gemm_persistent_kernel[(programs,)](
+        a_view[0], b_view[0], out_desc, pre_desc, post_desc, scale if scale is not None else out,
+        M, N, K,
+        A_T=a_view[1], B_T=b_view[1],
+        EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
+        UPCAST=INTERPRET, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        SUBTILE=config.epilogue_subtile,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return True

@@ -14,9 +14,17 @@ Backward: d_pre = (d_out @ W_down) * (pre > 0 ? 2 pre : 0.5 pre)  [template, epi
 `pre` and `post` are both saved: recomputing post from pre in the prologue of the GEMMs that read
 it measured slower than writing it once in the up GEMM's epilogue (0.36 vs 0.22 ms for the down
 GEMM, 0.48 vs 0.23 ms for dW_down, against +0.09 ms for the extra store).
+`RECYCORE_K1_PERSISTENT=1` (read once at import) runs up and d_pre on the template's persistent
+TMA variant (gemm.py: each tile's epilogue overlaps the next tile's loads): PERSISTENT_SEED_CONFIGS
+replace their SEED_CONFIGS entries, and other shapes get persistent default configs. Off by default
+until measured on the GPU; benchmarks/test_bench_mlp.py sweeps both variants and its k1_best.json
+(written into SEED_CONFIGS) may select either.
 Weights may be fp32 masters: they are cast to u's dtype for the GEMMs (as F.linear(x, w.to(x.dtype))
 does) and their gradients are returned in the weights' dtype.
 """
+import dataclasses
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,12 +49,28 @@ SEED_CONFIGS = {
     "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
     "dw_up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, split_k=11),
 }
+# Persistent TMA candidates for the K = 512 GEMMs with a big fused epilogue (not measured yet).
+# Shared memory per CTA (offline sm_90 compiles): 3 stages x (128 + 256) x 64 bf16 = 144 KB plus a
+# staging tile for the TMA stores (pre and post share it); d_pre also stages the `pre` it reads, so
+# it only fits the 227 KB with the epilogue in two halves. dw_up keeps split-K (non-persistent).
+PERSISTENT_SEED_CONFIGS = {
+    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True),  # 208 KB
+    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
+                        epilogue_subtile=True),  # 208 KB
+}
+PERSISTENT = os.environ.get("RECYCORE_K1_PERSISTENT", "") == "1"
+if PERSISTENT:
+    SEED_CONFIGS.update(PERSISTENT_SEED_CONFIGS)
 
 
 def _config(role, M, N, K, d, h):
     if not INTERPRET and (d, h) == (SEED_D, SEED_H) and min(M, K) >= 8192:
         return SEED_CONFIGS[role]
-    return default_config(M, N, K)
+    config = default_config(M, N, K)
+    if PERSISTENT and role in PERSISTENT_SEED_CONFIGS:
+        # d_pre stages its `pre` tile too: halves keep the default 128x256 s3 within shared memory
+        config = dataclasses.replace(config, persistent=True, epilogue_subtile=role == "d_pre")
+    return config
 
 
 @torch.library.custom_op("recycore::leaky_relu2_mlp", mutates_args=())

@@ -1,17 +1,22 @@
-"""The shared GEMM template (kernels/gemm.py): operand strides, epilogues, split-K.
+"""The shared GEMM template (kernels/gemm.py): operand strides, epilogues, split-K, and the
+persistent TMA variant (config.persistent) with its fallback to the pointer kernel.
 
 Ragged shapes (M odd, N and K not multiples of the blocks), NaN-poisoned outputs, float64
 references. The INT5 weight loader is tested with K3 in test_int5.py."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rel_err
 
+from recycore.kernels import gemm as gemm_module
 from recycore.kernels._common import INTERPRET
 from recycore.kernels.gemm import (
     EPILOGUE_LEAKY_RELU2,
     EPILOGUE_LEAKY_RELU2_GRAD,
     EPILOGUE_NONE,
+    default_config,
     gemm,
 )
 
@@ -100,3 +105,124 @@ def test_bad_inputs_raise_clear_errors():
         gemm(a, b, out=out, pre=out.clone(), epilogue=EPILOGUE_LEAKY_RELU2_GRAD, split_k=2)
     with pytest.raises(TypeError, match="a must be one of"):
         gemm(a.to(torch.int32), b, out=out, epilogue=EPILOGUE_NONE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistent TMA variant. Under the interpreter it runs INTERPRET_PROGRAMS = 3 programs over the
+# 2 x 3 tiles of (M, N) = (37, 72): every program loops over two tiles, all tiles are ragged in K.
+# ----------------------------------------------------------------------------------------------
+def _tma_operand(rows, cols, dtype, transposed):
+    """Like _operand, but a transposed view's storage rows are padded to 16 bytes (TMA-addressable
+    with rows = 37): the descriptor then covers (cols, rows) of a (cols, 40)-strided storage."""
+    if not transposed:
+        return _operand(rows, cols, dtype, False)
+    return _as_padded_t(torch.randn(rows, cols, device=DEVICE, dtype=dtype))
+
+
+def _as_padded_t(x):
+    """x's values as the transposed view of a row-padded (cols, rows rounded up to 8) storage."""
+    rows, cols = x.shape
+    storage = torch.full((cols, -(-rows // 8) * 8), float("nan"), device=DEVICE, dtype=x.dtype)
+    storage[:, :rows] = x.t()
+    return storage[:, :rows].t()
+
+
+def _persistent(subtile=False):
+    return dataclasses.replace(default_config(M, N, K), persistent=True, epilogue_subtile=subtile)
+
+
+class _Forbidden:
+    def __getitem__(self, grid):
+        raise AssertionError("this kernel should not have been launched")
+
+
+@pytest.fixture
+def persistent_only(monkeypatch):
+    """The non-persistent kernel must not run (the persistent path did not fall back)."""
+    monkeypatch.setattr(gemm_module, "_gemm_kernel", _Forbidden())
+
+
+@pytest.mark.usefixtures("persistent_only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("subtile", [False, True], ids=["whole", "subtile"])
+def test_persistent_plain_gemm_strides(dtype, a_t, b_t, subtile):
+    a, b = _tma_operand(M, K, dtype, a_t), _tma_operand(N, K, dtype, b_t)
+    out = _nan(M, N, torch.float32)
+    gemm(a, b, out=out, config=_persistent(subtile))
+    assert rel_err(out, a.double() @ b.double().t()) < TOL[dtype]
+
+
+@pytest.mark.usefixtures("persistent_only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("subtile", [False, True], ids=["whole", "subtile"])
+def test_persistent_leaky_relu2_epilogue(dtype, subtile):
+    """pre+post (the MLP's up GEMM), pre only, post only; A transposed in the last call."""
+    a, b = _operand(M, K, dtype, False), _operand(N, K, dtype, False)
+    ref = a.double() @ b.double().t()
+    assert 0.3 < (ref < 0).double().mean() < 0.7  # both slopes exercised
+    pre, post = _nan(M, N, dtype), _nan(M, N, dtype)
+    gemm(a, b, pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2, config=_persistent(subtile))
+    assert rel_err(pre, ref) < TOL[dtype]
+    assert rel_err(post, _leaky_relu2(ref)) < 2 * TOL[dtype]
+    pre_only = _nan(M, N, dtype)
+    gemm(a, b, pre=pre_only, epilogue=EPILOGUE_LEAKY_RELU2, config=_persistent(subtile))
+    assert torch.equal(pre_only, pre)
+    post_only = _nan(M, N, dtype)
+    gemm(_as_padded_t(a), b, post=post_only, epilogue=EPILOGUE_LEAKY_RELU2, config=_persistent(subtile))
+    assert rel_err(post_only, _leaky_relu2(ref)) < 2 * TOL[dtype]
+
+
+@pytest.mark.usefixtures("persistent_only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("subtile", [False, True], ids=["whole", "subtile"])
+def test_persistent_leaky_relu2_grad_epilogue(dtype, subtile):
+    """The MLP's d_pre GEMM: B is a transposed view (w_down.t()), the epilogue reads pre."""
+    a, b = _operand(M, K, dtype, False), _operand(N, K, dtype, True)
+    pre = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    out = _nan(M, N, dtype)
+    gemm(a, b, out=out, pre=pre, epilogue=EPILOGUE_LEAKY_RELU2_GRAD, config=_persistent(subtile))
+    pre64 = pre.double()
+    ref = (a.double() @ b.double().t()) * torch.where(pre64 > 0, 2 * pre64, 0.5 * pre64)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.usefixtures("persistent_only")
+def test_persistent_row_scale_few_tiles_and_short_k():
+    """ROW_SCALE; fewer tiles than programs (one program); K shorter than one block."""
+    a, b = _tma_operand(M, K, torch.float32, True), _operand(N, K, torch.float32, False)
+    scale = torch.rand(N, device=DEVICE, dtype=torch.float16) + 0.5
+    out, post = _nan(M, N, torch.float32), _nan(M, N, torch.float32)
+    gemm(a, b, out=out, scale=scale, config=_persistent(True))
+    gemm(a, b, post=post, scale=scale, epilogue=EPILOGUE_LEAKY_RELU2, config=_persistent())
+    ref = (a.double() @ b.double().t()) * scale.double()
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(post, _leaky_relu2(ref)) < 1e-5
+    a, b = _operand(20, 8, torch.bfloat16, False), _operand(24, 8, torch.bfloat16, True)
+    out = _nan(20, 24, torch.float32)
+    gemm(a, b, out=out, config=_persistent())
+    assert rel_err(out, a.double() @ b.double().t()) < TOL[torch.bfloat16]
+
+
+def test_persistent_falls_back_when_tma_cannot_address(monkeypatch):
+    """Misaligned base / leading stride (also of a transposed view), an output row not a multiple
+    of 16 bytes, split-K: the pointer kernel runs (the persistent one must not)."""
+    monkeypatch.setattr(gemm_module, "_gemm_persistent_kernel", _Forbidden())
+    config = _persistent()
+    a = torch.randn(M, K + 1, device=DEVICE)[:, 1:]  # base 4 bytes off, row stride 324 bytes
+    b = _operand(N, K, torch.float32, True)
+    out = _nan(M, N, torch.float32)
+    gemm(a, b, out=out, config=config)
+    assert rel_err(out, a.double() @ b.double().t()) < 1e-5
+    a = _operand(M, K, torch.bfloat16, True)  # (K, 37) storage: rows of 74 bytes
+    b = _operand(N, K, torch.bfloat16, False)
+    gemm(a, b, out=out, config=config)
+    assert rel_err(out, a.double() @ b.double().t()) < TOL[torch.bfloat16]
+    a, b = _operand(M, K, torch.float32, False), _operand(N - 1, K, torch.float32, False)  # out rows 71 x 4 bytes
+    out = _nan(M, N - 1, torch.float32)
+    gemm(a, b, out=out, config=config)
+    assert rel_err(out, a.double() @ b.double().t()) < 1e-5
+    b = _operand(N, K, torch.float32, False)
+    out = _nan(M, N, torch.float32)
+    gemm(a, b, out=out, config=config, split_k=2)
+    assert rel_err(out, a.double() @ b.double().t()) < 1e-5

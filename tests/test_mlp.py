@@ -1,10 +1,13 @@
 """K1: the fused LeakyReLU² MLP (kernels/mlp.py) against a float64 reference, forward and all
-three gradients, in fp32 and bf16; the custom op's registration (opcheck, torch.compile)."""
+three gradients, in fp32 and bf16, also on the template's persistent TMA variant; the custom op's
+registration (opcheck, torch.compile)."""
 import pytest
 import torch
 from helpers import DEVICE, rel_err, requires_cuda
 
+from recycore.kernels import gemm as gemm_module
 from recycore.kernels import leaky_relu2_mlp, leaky_relu2_mlp_reference
+from recycore.kernels import mlp as mlp_module
 from recycore.kernels._common import INTERPRET
 
 # bf16: the interpreter truncates fp32 -> bf16 casts (pre, post, outputs) instead of rounding
@@ -40,6 +43,24 @@ def _check_against_float64(u, w_up, w_down, tol):
 def test_forward_and_gradients(dtype):
     # M = 3 * 13 = 39 rows (odd), d = 40 and h = 72: ragged against the 32-blocks of the interpreter
     _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_forward_and_gradients(dtype, monkeypatch):
+    """RECYCORE_K1_PERSISTENT's path: up (pre+post epilogue) and d_pre (grad epilogue, B = w_down.t())
+    on the persistent TMA kernel; M = 39 rows, ragged against the blocks."""
+    launches = []
+    kernel = gemm_module._gemm_persistent_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mlp_module, "PERSISTENT", True)
+    monkeypatch.setattr(gemm_module, "_gemm_persistent_kernel", Counting())
+    _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
+    assert len(launches) == 2  # up and d_pre (dW_up keeps split-K on the pointer kernel)
 
 
 def test_bf16_weights_give_bf16_grads():
