@@ -1,6 +1,8 @@
 """K3 int5 dequant-matmul on the GPU at the model's weight shapes (512x512, 256x512, 1536x512,
 512x1536) for M in {1, 16, 64, 2048, 65536} bf16 rows:
-  ours = recycore.kernels.int5_linear (weights int5-packed, unpacked in registers);
+  ours = recycore.kernels.int5_linear as the model runs it (impl="auto": the fused kernel, unpacking
+  in registers, for M <= 64; above, the matrix decoded into a transient bf16 buffer + cuBLAS);
+  ours_fused = the fused kernel at every M (M >= 2048 rows only: below it is what `ours` runs);
   baseline = bf16 cuBLAS (F.linear) on the dequantised weights.
 For M <= 2048 one timed call is a CUDA graph of `calls` back-to-back calls, each on its own copy of
 the weight, so the weights are read from HBM (the copies of our layout add up to > 2x the L2) and
@@ -52,8 +54,9 @@ def make_calls(impl, weights, N, K, M, activation=None):
     from recycore.kernels import int5_linear
 
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
-    if impl == "ours":
-        return [lambda p=p, s=s: int5_linear(x, p, s, N, K, activation) for p, s, _ in weights]
+    if impl.startswith("ours"):
+        how = "fused" if impl == "ours_fused" else "auto"
+        return [lambda p=p, s=s: int5_linear(x, p, s, N, K, activation, impl=how) for p, s, _ in weights]
     return [lambda w=w: F.linear(x, w) for _, _, w in weights]
 
 
@@ -75,14 +78,16 @@ def as_one_fn(calls):
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", ["ours", "cublas_bf16"])
+@pytest.mark.parametrize("impl", ["ours", "ours_fused", "cublas_bf16"])
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_bench_int5(benchmark, shape, M, impl):
     N, K = shape
+    if impl == "ours_fused" and M < 2048:
+        pytest.skip("below 2048 rows `ours` is the fused kernel")
     torch.manual_seed(0)
     calls = make_calls(impl, make_weights(N, K, weight_copies(N, K, M)), N, K, M)
-    weight_bytes = int5_bytes(N, K) if impl == "ours" else 2 * N * K
+    weight_bytes = 2 * N * K if impl == "cublas_bf16" else int5_bytes(N, K)
     gpu_time(benchmark, as_one_fn(calls), group=f"K3 int5 {N}x{K} M={M}", label=impl,
              flops=2 * M * N * K * len(calls), bytes_moved=weight_bytes * len(calls), calls=len(calls),
              baseline=impl == "cublas_bf16")
@@ -117,7 +122,7 @@ def _k3_worker(cases):
     for large, small, M, N, K, activation in cases:
         try:
             _configure(large, small)
-            (call,) = make_calls("ours", make_weights(N, K, 1), N, K, M, activation)
+            (call,) = make_calls("ours_fused", make_weights(N, K, 1), N, K, M, activation)
             call()
         except Exception as exc:
             errors.append(f"{large} {small} M={M}: {type(exc).__name__}: {str(exc)[:160]}")
@@ -170,7 +175,7 @@ def sweep(out_dir):
         for N, K in WEIGHT_SHAPES:
             key = f"{c} {N}x{K}"
             try:
-                report["large_m"][key] = _ms(as_one_fn(make_calls("ours", weights[N, K, 65536], N, K, 65536)))
+                report["large_m"][key] = _ms(as_one_fn(make_calls("ours_fused", weights[N, K, 65536], N, K, 65536)))
             except Exception as exc:
                 report["large_m"][key] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
             print(f"large M {key:80s} {report['large_m'][key]}", flush=True)

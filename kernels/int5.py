@@ -5,12 +5,19 @@ kept packed on the GPU (5 bits per weight + one fp16 scale per output row).
   transcoded once at load time (`transcode_artifact`) into the GPU layout of gemm.py ("INT5
   layout": per row, groups of 128 values in 20 int32 words — 16 nibble words + 4 high-bit words),
   losslessly and still 5 bits per weight (rows padded to a multiple of 128 values).
-- Both regimes run the shared GEMM template with the INT5 weight loader (q unpacked in registers
-  to bf16, exact for -15..15), fp32 accumulation, and the ROW_SCALE epilogue (+ LEAKY_RELU2):
-  M > SMALL_M_MAX (sliding-window eval, e.g. 65,536 rows): large tiles, the epilogue fused;
-  M <= SMALL_M_MAX (decoding-style, 1..64 rows): skinny tiles (16 weight rows x 16..64 input
-  rows); rows longer than 512 values are split over K, the fp32 partials summed, scaled and
-  activated by the split-K reduction kernel.
+- Two ways through the shared GEMM template's INT5 loader (gemm.py: q unpacked in registers to
+  bf16, exact for -15..15):
+  "fused": the template with the INT5 loader, fp32 accumulation and the ROW_SCALE epilogue
+  (+ LEAKY_RELU2). Used for M <= SMALL_M_MAX (decoding-style, 1..64 rows): skinny tiles (16 weight
+  rows x 16..64 input rows); rows longer than 512 values are split over K, the fp32 partials
+  summed, scaled and activated by the split-K reduction kernel.
+  "dequant": `dequantize` decodes the one matrix into a transient (N, K) buffer of bf16(q * s)
+  (<= 1.5 MB at the seed's shapes, freed after the call; the resident weights stay packed), then
+  cuBLAS (or the template's BF16 path with the LEAKY_RELU2 epilogue). Used for M > SMALL_M_MAX
+  (sliding-window eval, 65,536 rows): there the fused kernel unpacks every weight tile again for
+  each of the M / BLOCK_M row tiles and ran at 0.19-0.36x cuBLAS (benchmarks/NOTES_K1_K3.md),
+  while decoding once costs a few microseconds. Its weights equal the dequantised model's
+  (bf16(q * s), q * s in fp32), so the two evaluations agree to cuBLAS's summation order.
 - `int5_linear` is a torch.library custom op with a fake impl (eval only, not differentiable);
   `Int5Linear.from_artifact` builds the module from the artifact's bytes, scales and shape.
 """
@@ -22,6 +29,8 @@ import triton
 from torch import Tensor
 
 from recycore.kernels._common import INTERPRET, check_tensor
+import triton.language as tl
+
 from recycore.kernels.gemm import (
     EPILOGUE_LEAKY_RELU2,
     EPILOGUE_NONE,
@@ -29,6 +38,7 @@ from recycore.kernels.gemm import (
     INT5_GROUP_WORDS,
     INTERPRET_INT5_CONFIG,
     GemmConfig,
+    _load_int5_tile,
     gemm,
     num_sms,
 )
@@ -36,6 +46,7 @@ from recycore.kernels.gemm import (
 INT5_MAX = 15
 SMALL_M_MAX = 64
 ACTIVATIONS = ("none", "leaky_relu2")
+IMPLS = ("auto", "fused", "dequant")
 
 # Measured on the H200 (benchmarks/NOTES_K1_K3.md) at the model's weight shapes. block_n (weight rows)
 # is the M side of the MMA (y^T = W x^T, see gemm.py).
@@ -116,9 +127,48 @@ def transcode_artifact(packed: Tensor, rows: int, cols: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Decoding a whole matrix (the "dequant" path)
+# ----------------------------------------------------------------------------------------------
+_DEQUANT_BLOCK_N = 32
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, scale_ptr, out_ptr, N, K, stride_pn,
+                       UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n, k] = q[n, k] * scale[n] for one (BLOCK_N rows, 128 values) tile; q * s in fp32."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0 = tl.program_id(1) * 128
+    q = _load_int5_tile(packed_ptr, offs_n, mask_n, k0, stride_pn, BLOCK_N, UPCAST).to(tl.float32)
+    w = q * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    # the tile's columns are values k0 + 16*s + r in order (see gemm.py's INT5 layout)
+    offs_k = k0 + tl.arange(0, 128)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
+def dequantize(packed: Tensor, scales: Tensor, out_features: int, in_features: int,
+               dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The (out_features, in_features) weight q * s (computed in fp32, stored in `dtype`) of a
+    GPU-layout int5 matrix."""
+    check_tensor(packed, "packed", ndim=2, dtypes=(torch.int32,), contiguous=True)
+    check_tensor(scales, "scales", ndim=1, dtypes=(torch.float16, torch.float32), device=packed.device,
+                 contiguous=True)
+    words = (out_features, triton.cdiv(in_features, INT5_GROUP) * INT5_GROUP_WORDS)
+    if tuple(packed.shape) != words or scales.shape[0] != out_features:
+        raise ValueError(f"packed {tuple(packed.shape)} / scales {tuple(scales.shape)} do not hold an "
+                         f"({out_features}, {in_features}) int5 matrix (expected {words} words)")
+    out = torch.empty((out_features, in_features), device=packed.device, dtype=dtype)
+    grid = (triton.cdiv(out_features, _DEQUANT_BLOCK_N), triton.cdiv(in_features, INT5_GROUP))
+    _dequantize_kernel[grid](packed, scales, out, out_features, in_features, packed.stride(0),
+                             UPCAST=INTERPRET, BLOCK_N=_DEQUANT_BLOCK_N, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # The op
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(x, packed, scales, out_features, in_features, activation):
+def _check_inputs(x, packed, scales, out_features, in_features, activation, impl):
     check_tensor(x, "x", dtypes=(torch.float32, torch.bfloat16, torch.float16))
     check_tensor(packed, "packed", ndim=2, dtypes=(torch.int32,), device=x.device, contiguous=True)
     check_tensor(scales, "scales", ndim=1, dtypes=(torch.float16, torch.float32), device=x.device, contiguous=True)
@@ -132,15 +182,24 @@ def _check_inputs(x, packed, scales, out_features, in_features, activation):
         raise ValueError(f"scales must have out_features = {out_features} entries, got {scales.shape[0]}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 @torch.library.custom_op("recycore::int5_linear", mutates_args=())
 def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
-                 activation: str) -> Tensor:
+                 activation: str, impl: str) -> Tensor:
     """x (M, in_features) -> (M, out_features) in x's dtype."""
     M = x.shape[0]
-    y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
     leaky = activation == "leaky_relu2"
+    if impl == "dequant" or (impl == "auto" and M > SMALL_M_MAX):
+        w = dequantize(packed, scales, out_features, in_features, x.dtype)
+        if not leaky:
+            return torch.mm(x, w.t())
+        y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
+        gemm(x, w, post=y, epilogue=EPILOGUE_LEAKY_RELU2)
+        return y
+    y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
     outputs = dict(post=y, epilogue=EPILOGUE_LEAKY_RELU2) if leaky else dict(out=y, epilogue=EPILOGUE_NONE)
     if M <= SMALL_M_MAX:
         config, split_k = _small_m_config(M), _small_m_split_k(out_features, in_features, x.device)
@@ -151,21 +210,23 @@ def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, i
 
 
 @_int5_linear.register_fake
-def _(x, packed, scales, out_features, in_features, activation):
+def _(x, packed, scales, out_features, in_features, activation, impl):
     return x.new_empty((x.shape[0], out_features))
 
 
 def int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
-                activation: Optional[str] = None) -> Tensor:
+                activation: Optional[str] = None, impl: str = "auto") -> Tensor:
     """y = (x @ q^T) * s (then leaky_relu(y, 0.5)^2 if activation == "leaky_relu2").
 
     x (..., in_features) float; packed: the (out_features, in_features) int5 weight in the GPU layout
     (`transcode_artifact` / `pack_gpu_layout`); scales (out_features,) fp16. Eval only (no autograd).
+    impl: "fused" (unpacked in the GEMM's registers), "dequant" (decoded into a transient buffer,
+    then cuBLAS) or "auto" (fused for M <= SMALL_M_MAX rows, else dequant; see the module doc).
     """
     activation = activation or "none"
-    _check_inputs(x, packed, scales, out_features, in_features, activation)
+    _check_inputs(x, packed, scales, out_features, in_features, activation, impl)
     x2 = x.reshape(-1, in_features)
-    y = torch.ops.recycore.int5_linear(x2, packed, scales, out_features, in_features, activation)
+    y = torch.ops.recycore.int5_linear(x2, packed, scales, out_features, in_features, activation, impl)
     return y.reshape(*x.shape[:-1], out_features)
 
 

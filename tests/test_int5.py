@@ -1,5 +1,6 @@
-"""K3: the int5 GPU layout (lossless transcoding of the artifact bytes) and int5_linear against
-x @ (q*s)^T in float64, small-M (split-K) and large-M paths, with and without the LeakyReLU² epilogue."""
+"""K3: the int5 GPU layout (lossless transcoding of the artifact bytes), the decoder, and int5_linear
+against x @ (q*s)^T in float64: the fused kernel (small-M split-K and large-M tiles) and the dequant
+path, with and without the LeakyReLU² epilogue."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ from helpers import DEVICE, rel_err, requires_cuda
 from recycore.kernels import Int5Linear, int5_linear, int5_linear_reference
 from recycore.kernels._common import INTERPRET
 from recycore.kernels.gemm import EPILOGUE_LEAKY_RELU2, INT5_GROUP, default_config, gemm
-from recycore.kernels.int5 import SMALL_M_MAX, pack_gpu_layout, transcode_artifact, unpack_gpu_layout
+from recycore.kernels.int5 import SMALL_M_MAX, dequantize, pack_gpu_layout, transcode_artifact, unpack_gpu_layout
 from recycore.quant import pack_int5
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if INTERPRET else 1e-2}
@@ -57,17 +58,34 @@ def test_transcode_artifact_bytes_is_lossless():
         transcode_artifact(torch.full_like(artifact, 255), 37, 200)
 
 
-@pytest.mark.parametrize("M", [5, SMALL_M_MAX + 13], ids=["small_m", "large_m"])
+@pytest.mark.parametrize("M, impl", [(5, "auto"), (SMALL_M_MAX + 13, "auto"), (SMALL_M_MAX + 13, "fused"),
+                                     (5, "dequant")], ids=["small_m", "large_m", "large_m_fused", "small_m_dequant"])
 @pytest.mark.parametrize("activation", [None, "leaky_relu2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int5_linear(M, activation, dtype):
+def test_int5_linear(M, impl, activation, dtype):
     q, scales, packed = _weight(N, K)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype) * 3
-    y = int5_linear(x, packed, scales, N, K, activation)
+    y = int5_linear(x, packed, scales, N, K, activation, impl=impl)
     ref = _reference(x, q, scales, activation)
     assert y.dtype == dtype and y.shape == (M, N)
     assert rel_err(y, ref) < TOL[dtype]
     assert rel_err(int5_linear_reference(x, packed, scales, N, K, activation), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rows, cols", [(N, K), (33, 128), (1, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_the_dequantised_models_weight(rows, cols, dtype):
+    """Bit for bit what the dequantised model multiplies by: q * s in fp32, rounded to dtype."""
+    q, scales, packed = _weight(rows, cols)
+    w = dequantize(packed, scales, rows, cols, dtype)
+    assert w.dtype == dtype and w.shape == (rows, cols)
+    expected = (q.to(DEVICE).float() * scales.float()[:, None]).to(dtype)
+    if INTERPRET and dtype == torch.bfloat16:  # the interpreter's fp32 -> bf16 cast truncates
+        torch.testing.assert_close(w.float(), expected.float(), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(w, expected)
+    with pytest.raises(ValueError, match="do not hold"):
+        dequantize(packed, scales, rows, cols + 128)
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
@@ -90,7 +108,7 @@ def test_module_from_artifact_opcheck_and_compile():
     y = layer(x)
     assert y.shape == (2, 7, N)
     assert rel_err(y, _reference(x, q, layer.scales)) < 1e-5
-    torch.library.opcheck(torch.ops.recycore.int5_linear, (x[0], layer.packed, layer.scales, N, K, "leaky_relu2"))
+    torch.library.opcheck(torch.ops.recycore.int5_linear, (x[0], layer.packed, layer.scales, N, K, "leaky_relu2", "auto"))
     backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     assert rel_err(compiled(x), y) < 1e-6
@@ -107,6 +125,8 @@ def test_bad_inputs_raise_clear_errors():
         int5_linear(x, packed, scales[1:], N, K)
     with pytest.raises(ValueError, match="activation"):
         int5_linear(x, packed, scales, N, K, "relu")
+    with pytest.raises(ValueError, match="impl"):
+        int5_linear(x, packed, scales, N, K, impl="cublas")
     with pytest.raises(TypeError, match="packed must be one of"):
         int5_linear(x, packed.to(torch.int64), scales, N, K)
 
@@ -118,5 +138,6 @@ def test_model_shapes_bf16(shape, M):
     q, scales, packed = _weight(*shape)
     x = torch.randn(M, shape[1], device=DEVICE, dtype=torch.bfloat16)
     for activation in (None, "leaky_relu2"):
-        y = int5_linear(x, packed, scales, *shape, activation)
-        assert rel_err(y, _reference(x, q, scales, activation)) < 1e-2
+        for impl in ("auto", "fused", "dequant"):
+            y = int5_linear(x, packed, scales, *shape, activation, impl=impl)
+            assert rel_err(y, _reference(x, q, scales, activation)) < 1e-2, (activation, impl)
