@@ -12,16 +12,19 @@ set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ "${1:-}" = parallel ]; then
+  # Only 8 files come back from a device call: everything is gathered into $OUT/results.tgz.
   shift
+  STAGING=/tmp/h200_results; rm -rf "$STAGING"; mkdir -p "$STAGING"
   for spec in "$@"; do
     gpu=${spec%%=*}; IFS=, read -r -a items <<< "${spec#*=}"
     envs=(); stages=()
     for item in "${items[@]}"; do [[ $item == *=* ]] && envs+=("$item") || stages+=("$item"); done
-    env "${envs[@]}" CUDA_VISIBLE_DEVICES="$gpu" OUT="$OUT/gpu$gpu" bash "$0" "${stages[@]}" \
-      > "$OUT/gpu$gpu.log" 2>&1 &
+    env "${envs[@]}" CUDA_VISIBLE_DEVICES="$gpu" OUT="$STAGING/gpu$gpu" bash "$0" "${stages[@]}" \
+      > "$STAGING/gpu$gpu.log" 2>&1 &
   done
   wait
-  for spec in "$@"; do echo "=== gpu ${spec%%=*}: ${spec#*=}"; sed -n '/^=== summary/,$p' "$OUT/gpu${spec%%=*}.log"; done
+  for spec in "$@"; do echo "=== gpu ${spec%%=*}: ${spec#*=}"; sed -n '/^=== summary/,$p' "$STAGING/gpu${spec%%=*}.log"; done
+  tar czf "$OUT/results.tgz" -C "$STAGING" . && ls -la "$OUT"
   exit 0
 fi
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -58,7 +61,6 @@ for s in "$@"; do
              stage mat-warm "${MAT_LIMIT:-300}" python3 -c "import torch; from recycore.bench import micro_step; \
 from recycore.config import Config; print(micro_step('reference-max-autotune', Config(), repeats=3))" \
                || paths=$(echo "$paths" | sed 's/reference-max-autotune,\?//; s/,$//')
-             tar czf "$OUT/inductor_cache.tgz" -C "$R/.cache" inductor 2>/dev/null
            fi
            RECYCORE_BENCH_PATHS=$paths stage model "${MODEL_LIMIT:-260}" python3 -m pytest -q -s -p no:cacheprovider \
              "$R/benchmarks/test_bench_model.py" --benchmark-json="$OUT/model.json" ;;
@@ -66,11 +68,21 @@ from recycore.config import Config; print(micro_step('reference-max-autotune', C
     suite) files=(); for k in ${BENCH_FILES:-mlp attention int5}; do files+=("$R/benchmarks/test_bench_$k.py"); done
            stage suite "${SUITE_LIMIT:-500}" python3 -m pytest -q -s -p no:cacheprovider "${files[@]}" \
              --benchmark-json="$OUT/suite.json" ;;
+    # K1: every GEMM of the MLP over block configs, tiled and persistent (k1_sweep.json, k1_best.json),
+    # then ours with the best configs against torch.compile max-autotune (k1_baseline.json)
+    k1sweep) stage k1pre 150 python3 "$R/benchmarks/test_bench_mlp.py" "$OUT" --precompile
+             stage k1sweep "${K1_LIMIT:-240}" python3 "$R/benchmarks/test_bench_mlp.py" "$OUT"
+             stage k1base 200 python3 "$R/benchmarks/test_bench_mlp.py" "$OUT" --baseline ;;
+    # the GPU tests of the kernels and of the model with them
+    gputests) stage gputests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_gemm.py" \
+                "$R/tests/test_mlp.py" "$R/tests/test_int5.py" "$R/tests/test_int5_model.py" \
+                "$R/tests/test_attention.py" "$R/tests/test_model_kernels.py" ;;
     # the seed's config on the demo data with the fused kernels, wall-clock capped, then the int5
     # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
     # (KERNELS=reference for the reference model, compiled; run id h200_$KERNELS)
     train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-triton}" \
              --run-id "h200_${KERNELS:-triton}" --max-wallclock-seconds "${TRAIN_SECONDS:-70}" \
+             --iterations "${ITERATIONS:-20000}" \
              --warmdown-iters "${WARMDOWN_ITERS:-30}" --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
              --val-loss-every "${VAL_EVERY:-0}" --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
     # same global batch (786,432 tokens) on 1 GPU (8 micro-steps) and on 2 GPUs (4 each): losses must agree

@@ -86,7 +86,10 @@ def _step(name, inputs, backward):
 def test_bench_mlp(benchmark, name, backward):
     torch.manual_seed(0)
     step = _step(name, make_inputs(requires_grad=backward), backward)
-    gpu_time(benchmark, step, group=f"K1 MLP {'fwd+bwd' if backward else 'fwd'}", label=name,
+    from recycore.kernels import mlp
+
+    label = f"{name}_persistent" if name == "ours" and mlp.PERSISTENT else name
+    gpu_time(benchmark, step, group=f"K1 MLP {'fwd+bwd' if backward else 'fwd'}", label=label,
              flops=(6 if backward else 2) * GEMM_FLOPS, baseline=name == "max_autotune")
 
 

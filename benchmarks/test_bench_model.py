@@ -29,7 +29,10 @@ def test_bench_micro_step(benchmark, path):
     result = micro_step(path, Config(), batch_seqs=int(os.environ.get("RECYCORE_BENCH_BATCH", "48")),
                         with_profile=True)
     info = benchmark.extra_info
-    info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=path, gpu=torch.cuda.get_device_name(),
+    from recycore.kernels import mlp
+
+    label = f"{path} (K1 persistent)" if path == "triton" and mlp.PERSISTENT else path
+    info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=label, gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, tflops=STEP_TFLOP / result["ms"] * 1e3 * result["batch_seqs"] / 48,
                 tokens_per_s=result["batch_seqs"] * result["seq_len"] / result["ms"] * 1e3,
                 baseline=path == BASELINE, **result)

@@ -52,6 +52,9 @@ def build(path: str, cfg: Config, device="cuda"):
     model = GPT(cfg.replace(kernels=kernels)).to(device)
     if mode is not None:
         if per_block:  # whole-model max-autotune compiles take > 9.5 min (KERNELS.md): compile blocks
+            # The blocks share Block.forward: each variant (XSA, value embeddings, ...) is a dynamo
+            # recompile of that one code object, more than its default limit of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for block in model.blocks:
                 block.compile(mode=mode, dynamic=False, fullgraph=True)
             runner = model
