@@ -88,7 +88,7 @@ def test_bench_mlp(benchmark, name, backward):
     step = _step(name, make_inputs(requires_grad=backward), backward)
     from recycore.kernels import mlp
 
-    label = f"{name}_persistent" if name == "ours" and mlp.PERSISTENT else name
+    label = f"{name}_tiled" if name == "ours" and not mlp.PERSISTENT else name
     gpu_time(benchmark, step, group=f"K1 MLP {'fwd+bwd' if backward else 'fwd'}", label=label,
              flops=(6 if backward else 2) * GEMM_FLOPS, baseline=name == "max_autotune")
 

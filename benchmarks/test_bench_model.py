@@ -31,7 +31,7 @@ def test_bench_micro_step(benchmark, path):
     info = benchmark.extra_info
     from recycore.kernels import mlp
 
-    label = f"{path} (K1 persistent)" if path == "triton" and mlp.PERSISTENT else path
+    label = f"{path} (K1 tiled)" if path == "triton" and not mlp.PERSISTENT else path
     info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=label, gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, tflops=STEP_TFLOP / result["ms"] * 1e3 * result["batch_seqs"] / 48,
                 tokens_per_s=result["batch_seqs"] * result["seq_len"] / result["ms"] * 1e3,

@@ -14,11 +14,10 @@ Backward: d_pre = (d_out @ W_down) * (pre > 0 ? 2 pre : 0.5 pre)  [template, epi
 `pre` and `post` are both saved: recomputing post from pre in the prologue of the GEMMs that read
 it measured slower than writing it once in the up GEMM's epilogue (0.36 vs 0.22 ms for the down
 GEMM, 0.48 vs 0.23 ms for dW_down, against +0.09 ms for the extra store).
-`RECYCORE_K1_PERSISTENT=1` (read once at import) runs up and d_pre on the template's persistent
-TMA variant (gemm.py: each tile's epilogue overlaps the next tile's loads): PERSISTENT_SEED_CONFIGS
-replace their SEED_CONFIGS entries, and other shapes get persistent default configs. Off by default
-until measured on the GPU; benchmarks/test_bench_mlp.py sweeps both variants and its k1_best.json
-(written into SEED_CONFIGS) may select either.
+up and d_pre run on the template's persistent TMA variant (gemm.py: each tile's epilogue overlaps
+the next tile's loads), which measured faster at the seed shape; `RECYCORE_K1_PERSISTENT=0` (read
+once at import) runs the one-tile-per-program kernel instead. benchmarks/test_bench_mlp.py sweeps
+both and its k1_best.json (written into SEED_CONFIGS) may select either.
 Weights may be fp32 masters: they are cast to u's dtype for the GEMMs (as F.linear(x, w.to(x.dtype))
 does) and their gradients are returned in the weights' dtype.
 """
@@ -43,31 +42,33 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Configs measured on the H200 at the seed's shapes (d = 512, h = 1536, M = 98,304 rows;
 # benchmarks/NOTES_K1_K3.md), per template GEMM of the MLP. Other shapes use gemm.default_config.
+# up and d_pre run the persistent TMA kernel (their K = 512 main loops are short, so the 302 MB
+# epilogue stores must overlap the next tile's loads): 0.357 / 0.367 ms against 0.413 / 0.401 ms
+# for the best one-tile-per-program configs. d_pre also stages the `pre` it reads, so it fits the
+# 227 KB of shared memory only with the epilogue in two halves. dW_up (K = M) keeps split-K.
 SEED_D, SEED_H = 512, 1536
 SEED_CONFIGS = {
-    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=4),
-    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True),
+    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
+                        epilogue_subtile=True),
     "dw_up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, split_k=11),
 }
-# Persistent TMA candidates for the K = 512 GEMMs with a big fused epilogue (not measured yet).
-# Shared memory per CTA (offline sm_90 compiles): 3 stages x (128 + 256) x 64 bf16 = 144 KB plus a
-# staging tile for the TMA stores (pre and post share it); d_pre also stages the `pre` it reads, so
-# it only fits the 227 KB with the epilogue in two halves. dw_up keeps split-K (non-persistent).
-PERSISTENT_SEED_CONFIGS = {
-    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True),  # 208 KB
-    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
-                        epilogue_subtile=True),  # 208 KB
+# The best one-tile-per-program configs, run instead with RECYCORE_K1_PERSISTENT=0 (read at import).
+TILED_SEED_CONFIGS = {
+    "up": GemmConfig(256, 128, 64, group_m=8, num_warps=8, num_stages=3),
+    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
 }
-PERSISTENT = os.environ.get("RECYCORE_K1_PERSISTENT", "") == "1"
-if PERSISTENT:
-    SEED_CONFIGS.update(PERSISTENT_SEED_CONFIGS)
+PERSISTENT = os.environ.get("RECYCORE_K1_PERSISTENT", "1") != "0"
+if not PERSISTENT:
+    SEED_CONFIGS.update(TILED_SEED_CONFIGS)
+PERSISTENT_ROLES = ("up", "d_pre")
 
 
 def _config(role, M, N, K, d, h):
     if not INTERPRET and (d, h) == (SEED_D, SEED_H) and min(M, K) >= 8192:
         return SEED_CONFIGS[role]
     config = default_config(M, N, K)
-    if PERSISTENT and role in PERSISTENT_SEED_CONFIGS:
+    if PERSISTENT and role in PERSISTENT_ROLES:
         # d_pre stages its `pre` tile too: halves keep the default 128x256 s3 within shared memory
         config = dataclasses.replace(config, persistent=True, epilogue_subtile=role == "d_pre")
     return config

@@ -45,10 +45,12 @@ def test_forward_and_gradients(dtype):
     _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
 
 
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_persistent_forward_and_gradients(dtype, monkeypatch):
-    """RECYCORE_K1_PERSISTENT's path: up (pre+post epilogue) and d_pre (grad epilogue, B = w_down.t())
-    on the persistent TMA kernel; M = 39 rows, ragged against the blocks."""
+def test_persistent_and_tiled_paths(dtype, persistent, monkeypatch):
+    """up (pre+post epilogue) and d_pre (grad epilogue, B = w_down.t()) on the persistent TMA kernel
+    (the default) or, with RECYCORE_K1_PERSISTENT=0, on the one-tile-per-program kernel; M = 39 rows,
+    ragged against the blocks."""
     launches = []
     kernel = gemm_module._gemm_persistent_kernel
 
@@ -57,10 +59,10 @@ def test_persistent_forward_and_gradients(dtype, monkeypatch):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(mlp_module, "PERSISTENT", True)
+    monkeypatch.setattr(mlp_module, "PERSISTENT", persistent)
     monkeypatch.setattr(gemm_module, "_gemm_persistent_kernel", Counting())
     _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
-    assert len(launches) == 2  # up and d_pre (dW_up keeps split-K on the pointer kernel)
+    assert len(launches) == (2 if persistent else 0)  # up and d_pre (dW_up keeps split-K, not persistent)
 
 
 def test_bf16_weights_give_bf16_grads():
