@@ -13,12 +13,20 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def _packed_linear(x: Tensor, w, activation: str | None = None) -> Tensor:
+    """A packed matrix's own kernel on x, taking x in the autocast dtype as F.linear would under
+    autocast (custom ops are not cast by autocast: fp32 activations would run fp32 GEMMs)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return w.linear(x, activation)
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """x @ w^T (+ b) with the (fp32 master) weight cast to the activation dtype. A bank matrix
     may instead be packed (not a Tensor: recycore.int5_model.PackedInt5Weight, no bias), which
     runs its own kernel (K3, int5 dequant-matmul) so no dense copy of it is ever made."""
     if not isinstance(w, Tensor):
-        return w.linear(x)
+        return _packed_linear(x, w)
     return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
@@ -26,7 +34,7 @@ def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor, kernels: str = "ref
     """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (KERNELS.md K1). A packed W_up (see
     `linear`) applies the activation in K3's epilogue; W_down goes through `linear`."""
     if not isinstance(w_up, Tensor):
-        return linear(w_up.linear(u, activation="leaky_relu2"), w_down)
+        return linear(_packed_linear(u, w_up, activation="leaky_relu2"), w_down)
     if kernels == "triton" and isinstance(w_down, Tensor):
         from recycore.kernels import leaky_relu2_mlp as fused_mlp
 

@@ -212,3 +212,30 @@ def test_missing_format_entry_and_file_are_clear_errors(exported, tmp_path):
         load_int5_model(write_raw_artifact(tmp_path / "bad.ptz", obj))
     with pytest.raises(FileNotFoundError):
         load_int5_model(tmp_path / "absent.ptz")
+
+
+
+def test_int5_matmuls_follow_autocast(loaded):
+    """Under autocast (as evaluation runs) a packed matrix gets its activations in the autocast
+    dtype, as F.linear would: autocast does not cast a custom op's inputs, and on CUDA the RMSNorm
+    outputs feeding the projections are fp32 (autocast's fp32 list), which ran K3 in fp32."""
+    from recycore import ops
+
+    model = loaded[0]
+    fc, proj = model.blocks[0].mlp.fc, model.blocks[0].mlp.proj
+    x = torch.randn(5, fc.in_features, device=DEVICE)  # fp32, as an RMSNorm output under autocast
+    dtypes = []
+    real_int5 = int5_model.int5_linear
+
+    def record_int5(x, *args, **kwargs):
+        dtypes.append(x.dtype)
+        return real_int5(x, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        mp.setattr(int5_model, "int5_linear", record_int5)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y = ops.linear(x, fc)
+            mlp = ops.leaky_relu2_mlp(x, fc, proj)
+        assert y.dtype == mlp.dtype == torch.bfloat16 and dtypes == [torch.bfloat16] * 3
+        dtypes.clear()
+        assert ops.linear(x, fc).dtype == torch.float32 and dtypes == [torch.float32]  # no autocast: as given
