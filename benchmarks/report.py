@@ -29,12 +29,18 @@ def load_rows(path):
                   "cpu": machine.get("cpu", {}).get("brand_raw", "")}
 
 
-def speedups(rows):
+def speedups(rows, baseline_labels=()):
+    """Speed-up of each row against its group's baseline: the row flagged `baseline`, else (for
+    results recorded without the flag) the first row whose label is in baseline_labels."""
     by_group = defaultdict(list)
     for row in rows:
         by_group[row["group"]].append(row)
     for group_rows in by_group.values():
         base = next((r for r in group_rows if r.get("baseline")), None)
+        if base is None:
+            base = next((r for r in group_rows if r["label"] in baseline_labels), None)
+            if base is not None:
+                base["baseline"] = True
         for row in group_rows:
             row["speedup"] = base["ms"] / row["ms"] if base else None
     return by_group
@@ -91,6 +97,8 @@ def main():
     parser.add_argument("--out", default=None,
                         help="folder for <name>.md and <name>_NN.png (default: beside the first JSON)")
     parser.add_argument("--name", default=None, help="output stem (default: the first JSON's)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL",
+                        help="the baseline of groups whose results carry no baseline flag (repeatable)")
     args = parser.parse_args()
     rows, meta = [], None
     for path in args.json:
@@ -99,7 +107,7 @@ def main():
         meta = meta or more_meta
     if not rows:
         raise SystemExit(f"{', '.join(args.json)}: no benchmark figures (were they all skipped without CUDA?)")
-    by_group = speedups(rows)
+    by_group = speedups(rows, args.baseline)
     out_dir = Path(args.out or Path(args.json[0]).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or Path(args.json[0]).stem

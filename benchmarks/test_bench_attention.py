@@ -120,7 +120,7 @@ def test_bench_attention(benchmark, name, backward):
             with torch.no_grad():
                 fn(*inputs)
     gpu_time(benchmark, step, group=f"K2 attention {'fwd+bwd' if backward else 'fwd'}", label=name,
-             flops=attention_flops(B, T, H, D, backward))
+             flops=attention_flops(B, T, H, D, backward), baseline=name == "a_cudnn_compiled_max_autotune")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,3 +61,13 @@ def test_report_refuses_empty_results(tmp_path):
     path.write_text(json.dumps({"benchmarks": [{"name": "x", "extra_info": {}}]}))
     result = subprocess.run([sys.executable, str(REPORT), str(path)], capture_output=True, text=True)
     assert result.returncode != 0 and "no benchmark figures" in result.stderr
+
+
+def test_report_baseline_label_for_unflagged_groups(tmp_path):
+    path = tmp_path / "r.json"
+    rows = [{"name": n, "extra_info": {"group": "k2", "label": n, "ms": ms}} for n, ms in (("ours", 1.0), ("base", 1.5))]
+    path.write_text(json.dumps({"benchmarks": rows}))
+    subprocess.run([sys.executable, str(REPORT), str(path), "--baseline", "base"], capture_output=True, text=True,
+                   check=True)
+    table = (tmp_path / "r.md").read_text()
+    assert "| k2 | ours | 1.000 |  |  |  | 1.50x |" in table and "| k2 | base (baseline) |" in table
