@@ -381,7 +381,9 @@ def train(cfg: Config, *, checkpoint_dir=None, resume=None, log_dir="logs") -> d
         check_model_config(cfg, ckpt, resume if not isinstance(resume, dict) else "to resume")
     ctx.start()
     try:
-        return _train(ctx, cfg, accum, sp, val_tokens, ckpt, Path(checkpoint_dir or "checkpoints"), Path(log_dir))
+        results = _train(ctx, cfg, accum, sp, val_tokens, ckpt, Path(checkpoint_dir or "checkpoints"), Path(log_dir))
+        ctx.barrier()  # no rank tears the group down while another still uses it (gloo can abort)
+        return results
     finally:
         ctx.stop()
 

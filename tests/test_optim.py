@@ -235,6 +235,7 @@ def _distributed_worker(rank, port, out_dir):
             if rank == 0:
                 torch.save({"snapshots": snapshots, "momentum": state["muon"]["momentum"]},
                            f"{out_dir}/reduce_scatter_{use_reduce_scatter}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (seen: SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
