@@ -139,11 +139,12 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tiny_data, tmp_path, monkeypatc
         return original(self, *args)
 
     monkeypatch.setattr(DistributedTokenLoader, "next_batch", next_batch)
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
     cfg = tiny_cfg(tiny_data, run_id="sigint", iterations=1000)
     out = train(cfg, checkpoint_dir=tmp_path, log_dir=tmp_path)
     assert out["interrupted"] and out["step"] == 3
     assert load_checkpoint(out["checkpoint"])["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     monkeypatch.setattr(DistributedTokenLoader, "next_batch", original)
     resumed = train(cfg.replace(iterations=5, val_max_tokens=64), checkpoint_dir=tmp_path, log_dir=tmp_path,
                     resume=out["checkpoint"])
