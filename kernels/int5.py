@@ -158,6 +158,11 @@ def dequantize(packed: Tensor, scales: Tensor, out_features: int, in_features: i
     if tuple(packed.shape) != words or scales.shape[0] != out_features:
         raise ValueError(f"packed {tuple(packed.shape)} / scales {tuple(scales.shape)} do not hold an "
                          f"({out_features}, {in_features}) int5 matrix (expected {words} words)")
+    return _dequantize(packed, scales, out_features, in_features, dtype)
+
+
+def _dequantize(packed, scales, out_features, in_features, dtype):
+    """`dequantize` on checked inputs (int5_linear has checked them: no second pass per call)."""
     out = torch.empty((out_features, in_features), device=packed.device, dtype=dtype)
     grid = (triton.cdiv(out_features, _DEQUANT_BLOCK_N), triton.cdiv(in_features, INT5_GROUP))
     _dequantize_kernel[grid](packed, scales, out, out_features, in_features, packed.stride(0),
@@ -193,7 +198,7 @@ def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, i
     M = x.shape[0]
     leaky = activation == "leaky_relu2"
     if impl == "dequant" or (impl == "auto" and M > SMALL_M_MAX):
-        w = dequantize(packed, scales, out_features, in_features, x.dtype)
+        w = _dequantize(packed, scales, out_features, in_features, x.dtype)
         if not leaky:
             return torch.mm(x, w.t())
         y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
