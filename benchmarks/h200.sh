@@ -50,8 +50,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 DEMO=(--data-path "$R/data/datasets/demo_sp1024" --tokenizer-path "$R/data/tokenizers/demo_1024_bpe.model")
 for s in "$@"; do
   case $s in
-    # the model with kernels=triton against the reference model, at the seed's width, on the GPU
-    tests) stage tests 100 python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_model_kernels.py" ;;
+    # the GPU tests: the kernels (K1 at the seed shapes, K3, K2) and the model with them against the
+    # reference model at the seed's width
+    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_gemm.py" \
+             "$R/tests/test_mlp.py" "$R/tests/test_int5.py" "$R/tests/test_int5_model.py" \
+             "$R/tests/test_attention.py" "$R/tests/test_model_kernels.py" ;;
     # whole-model micro-step (48 x 2048, fwd+bwd): reference compiled vs triton, with the profile of each
     # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, one step of that path
     # is compiled first under MAT_LIMIT seconds, filling the inductor cache the benchmark then reuses;
@@ -73,10 +76,6 @@ from recycore.config import Config; print(micro_step('reference-max-autotune', C
     k1sweep) stage k1pre 150 python3 "$R/benchmarks/test_bench_mlp.py" "$OUT" --precompile
              stage k1sweep "${K1_LIMIT:-240}" python3 "$R/benchmarks/test_bench_mlp.py" "$OUT"
              stage k1base 200 python3 "$R/benchmarks/test_bench_mlp.py" "$OUT" --baseline ;;
-    # the GPU tests of the kernels and of the model with them
-    gputests) stage gputests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_gemm.py" \
-                "$R/tests/test_mlp.py" "$R/tests/test_int5.py" "$R/tests/test_int5_model.py" \
-                "$R/tests/test_attention.py" "$R/tests/test_model_kernels.py" ;;
     # the seed's config on the demo data with the fused kernels, wall-clock capped, then the int5
     # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
     # (KERNELS=reference for the reference model, compiled; run id h200_$KERNELS)
@@ -99,9 +98,6 @@ from recycore.config import Config; print(micro_step('reference-max-autotune', C
             stage "eval${mode#--}" "${EVAL_LIMIT:-120}" python3 -m recycore eval "$art" "${DEMO[@]}" --mode both \
               --json "$OUT/eval${mode#--}.json" "$mode"
           done ;;
-    # the kernels' own GPU tests (K1 at the seed shapes, K3, the int5-direct model)
-    ktests) stage ktests 150 python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_mlp.py" \
-              "$R/tests/test_int5_model.py" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
