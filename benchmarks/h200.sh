@@ -47,23 +47,27 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 }
 python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
+mat_warm() {
+  stage mat-warm "${MAT_LIMIT:-300}" python3 -c "import torch; from recycore.bench import micro_step; \
+from recycore.config import Config; print(micro_step('reference-max-autotune', Config(), repeats=3))"
+}
 DEMO=(--data-path "$R/data/datasets/demo_sp1024" --tokenizer-path "$R/data/tokenizers/demo_1024_bpe.model")
 for s in "$@"; do
   case $s in
     # the GPU tests: the kernels (K1 at the seed shapes, K3, K2) and the model with them against the
     # reference model at the seed's width
-    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x -p no:cacheprovider "$R/tests/test_gemm.py" \
+    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -x --durations=12 -p no:cacheprovider "$R/tests/test_gemm.py" \
              "$R/tests/test_mlp.py" "$R/tests/test_int5.py" "$R/tests/test_int5_model.py" \
-             "$R/tests/test_attention.py" "$R/tests/test_model_kernels.py" ;;
+             "$R/tests/test_model_kernels.py" "$R/tests/test_attention.py" ;;
+    # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
+    # TORCHINDUCTOR_CACHE_DIR (point it outside the repo to keep it across calls on a warm machine)
+    matwarm) mat_warm ;;
     # whole-model micro-step (48 x 2048, fwd+bwd): reference compiled vs triton, with the profile of each
-    # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, one step of that path
-    # is compiled first under MAT_LIMIT seconds, filling the inductor cache the benchmark then reuses;
-    # if that does not finish, the path is dropped)
+    # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, matwarm runs first and
+    # the benchmark reuses its cache; if that does not finish, the path is dropped)
     model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,triton}; paths=${paths//+/,}
            if [[ $paths == *max-autotune* ]]; then
-             stage mat-warm "${MAT_LIMIT:-300}" python3 -c "import torch; from recycore.bench import micro_step; \
-from recycore.config import Config; print(micro_step('reference-max-autotune', Config(), repeats=3))" \
-               || paths=$(echo "$paths" | sed 's/reference-max-autotune,\?//; s/,$//')
+             mat_warm || paths=$(echo "$paths" | sed 's/reference-max-autotune,\?//; s/,$//')
            fi
            RECYCORE_BENCH_PATHS=$paths stage model "${MODEL_LIMIT:-260}" python3 -m pytest -q -s -p no:cacheprovider \
              "$R/benchmarks/test_bench_model.py" --benchmark-json="$OUT/model.json" ;;
@@ -78,12 +82,13 @@ from recycore.config import Config; print(micro_step('reference-max-autotune', C
              stage k1base 200 python3 "$R/benchmarks/test_bench_mlp.py" "$OUT" --baseline ;;
     # the seed's config on the demo data with the fused kernels, wall-clock capped, then the int5
     # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
-    # (KERNELS=reference for the reference model, compiled; run id h200_$KERNELS)
+    # (KERNELS=reference for the reference model, compiled; run id h200_$KERNELS; the artifact is
+    # $CKPT_DIR/h200_$KERNELS/final_model.int5.ptz)
     train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-triton}" \
              --run-id "h200_${KERNELS:-triton}" --max-wallclock-seconds "${TRAIN_SECONDS:-70}" \
              --iterations "${ITERATIONS:-20000}" \
              --warmdown-iters "${WARMDOWN_ITERS:-30}" --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
-             --val-loss-every "${VAL_EVERY:-0}" --train-log-every 10 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt ;;
+             --val-loss-every "${VAL_EVERY:-0}" --train-log-every 10 --log-dir "$OUT" --checkpoint-dir "${CKPT_DIR:-/tmp/recycore_ckpt}" ;;
     # same global batch (786,432 tokens) on 1 GPU (8 micro-steps) and on 2 GPUs (4 each): losses must agree
     dist) SHORT=(--kernels triton --compile-model 0 --iterations "${DIST_STEPS:-12}" --max-wallclock-seconds 0
                  --warmup-steps 0 --warmdown-iters 0 --val-loss-every 0 --train-log-every 1

@@ -46,25 +46,32 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def build(path: str, cfg: Config, device="cuda"):
-    """(model, step function) for one benchmark path; the step runs fwd+bwd once."""
+def build(path: str, cfg: Config, device="cuda", backend: str = "inductor"):
+    """(model, step function) for one benchmark path; the step runs fwd+bwd once.
+    (`backend` other than inductor, e.g. aot_eager, is for CPU tests of the compile layout.)"""
     kernels, mode, per_block = PATHS[path]
     model = GPT(cfg.replace(kernels=kernels)).to(device)
     if mode is not None:
+        options = dict(backend=backend, dynamic=False, fullgraph=True)
+        if backend == "inductor" and mode != "default":
+            options["mode"] = mode
         if per_block:  # whole-model max-autotune compiles take > 9.5 min (KERNELS.md): compile blocks
             # The blocks share Block.forward: each variant (XSA, value embeddings, ...) is a dynamo
             # recompile of that one code object, more than its default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            for block in model.blocks:
-                block.compile(mode=mode, dynamic=False, fullgraph=True)
+            for module in (*model.blocks, *model.recycle_mods):
+                module.compile(**options)
+            # the tied head and the loss (98,304 x 1,024 logits) too; the embedding prelude, the
+            # skip adds and the final norm stay eager (< 1% of the step's work)
+            model.loss = torch.compile(model.loss, **options)
             runner = model
         else:
-            runner = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+            runner = torch.compile(model, **options)
     else:
         runner = model
 
     def step(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             loss = runner(x, y)
         loss.backward()
         return loss

@@ -308,13 +308,20 @@ class GPT(nn.Module):
                                       v_embed=self.value_embedding(layer, ids, ve_cache), v0=v0)
         return ops.rms_norm(x)
 
-    def forward_logits(self, ids: Tensor) -> Tensor:
-        """Soft-capped logits (B, T, vocab) from the tied embedding."""
-        logits = F.linear(self.hidden_states(ids), self.tok_emb.weight)
+    def logits(self, h: Tensor) -> Tensor:
+        """Soft-capped logits from the final hidden states and the tied embedding."""
+        logits = F.linear(h, self.tok_emb.weight)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap)
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Mean token cross-entropy (fp32)."""
-        logits = self.forward_logits(ids)
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        """Soft-capped logits (B, T, vocab)."""
+        return self.logits(self.hidden_states(ids))
+
+    def loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Mean token cross-entropy (fp32) of the logits of hidden states h."""
+        logits = self.logits(h)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        return self.loss(self.hidden_states(ids), targets)
