@@ -66,7 +66,7 @@ for s in "$@"; do
     # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, matwarm runs first and
     # the benchmark reuses its cache; if that does not finish, the path is dropped)
     model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,triton}; paths=${paths//+/,}
-           if [[ $paths == *max-autotune* ]]; then
+           if [[ $paths == *max-autotune* && ${MAT_WARM:-1} != 0 ]]; then
              mat_warm || paths=$(echo "$paths" | sed 's/reference-max-autotune,\?//; s/,$//')
            fi
            RECYCORE_BENCH_PATHS=$paths stage model "${MODEL_LIMIT:-260}" python3 -m pytest -q -s -p no:cacheprovider \

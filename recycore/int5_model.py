@@ -27,7 +27,7 @@ from torch import Tensor
 from recycore import artifact, quant
 from recycore.config import Config
 from recycore.kernels.int5 import Int5Linear, int5_linear
-from recycore.model import GPT
+from recycore.model import GPT, layer_norm_scale
 from recycore.quant import ArtifactError
 
 # A layer's bank matrices under the seed's (un-banked) names, in `GPT.bank_weights` order:
@@ -66,6 +66,9 @@ class Int5GPT(GPT):
         for bank in BANKS:
             delattr(self, bank)
         self.load_state_dict(state_dict, strict=True, assign=True)
+        device = self.tok_emb.weight.device
+        for i, block in enumerate(self.blocks):  # non-persistent buffers: not in the state dict
+            block.ln_scale = torch.tensor(layer_norm_scale(cfg, i), device=device)
         for block in self.blocks:
             block.mlp = nn.Module()
         expected = {f"blocks.{i}.{m}.weight" for i in range(cfg.num_layers) for m in BANK_MATRICES}

@@ -177,6 +177,10 @@ class CausalSelfAttention(nn.Module):
         return ops.linear(y.reshape(B, T, -1), out_w), raw_v
 
 
+def layer_norm_scale(cfg: Config, layer_idx: int) -> float:
+    return 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+
+
 class Block(nn.Module):
     """x_in = mix0*x + mix1*x0; x = x_in + attn_scale*Attn(rms(x_in)*s);
     x = x + mlp_scale*MLP(rms(x)*s), s = 1/sqrt(layer+1)."""
@@ -188,7 +192,9 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+        # a buffer, not a Python float: blocks then differ only in structure (XSA, VE, value residual),
+        # so per-block compiles share 4 graphs instead of specialising on 12 constants
+        self.register_buffer("ln_scale", torch.tensor(layer_norm_scale(cfg, layer_idx)), persistent=False)
         self.parallel_residual = layer_idx >= cfg.num_layers - cfg.parallel_residual_last_n
 
     def forward(self, x: Tensor, x0: Tensor, q_w, k_w, v_w, out_w, up_w, down_w,
