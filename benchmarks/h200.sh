@@ -29,6 +29,20 @@ if [ "${1:-}" = parallel ]; then
 fi
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$R/.cache/inductor}
+# Autotuning decisions are small (GEMM timings in cache/<system hash>, pointwise best configs in
+# *.best_config) while the compiled cache is GBs: they come back as $OUT/inductor_autotune.tgz and, carried
+# as .cache/inductor_autotune.tgz, seed the next machine's cache, which then skips the benchmarking
+# (the bulk of a max-autotune compile) but still compiles.
+AUTOTUNE_TGZ=$R/.cache/inductor_autotune.tgz
+if [ -f "$AUTOTUNE_TGZ" ]; then
+  mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$AUTOTUNE_TGZ" -C "$TORCHINDUCTOR_CACHE_DIR" \
+    && echo "autotune decisions restored from $AUTOTUNE_TGZ"
+fi
+pack_autotune() {
+  [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
+  (cd "$TORCHINDUCTOR_CACHE_DIR" && find . -path './cache/*' -type f -o -name '*.best_config' -type f \
+     | tar czf "$OUT/inductor_autotune.tgz" -T -) && echo "autotune decisions: $OUT/inductor_autotune.tgz"
+}
 P=/tmp/recycore_path_$$; rm -rf "$P"; mkdir -p "$P/recycore"
 for f in "$R"/recycore/*; do ln -s "$f" "$P/recycore/"; done
 ln -s "$R/kernels" "$P/recycore/kernels"
@@ -106,4 +120,5 @@ for s in "$@"; do
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
+pack_autotune
 echo "=== summary"; printf '%s\n' "${SUMMARY[@]}"
