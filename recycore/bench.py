@@ -56,8 +56,8 @@ def build(path: str, cfg: Config, device="cuda", backend: str = "inductor"):
         if backend == "inductor" and mode != "default":
             options["mode"] = mode
         if per_block:  # whole-model max-autotune compiles take > 9.5 min (KERNELS.md): compile blocks
-            # The blocks share Block.forward: each variant (XSA, value embeddings, ...) is a dynamo
-            # recompile of that one code object, more than its default limit of 8.
+            # The blocks share Block.forward: each structural variant (XSA, value embeddings, ...) is a
+            # dynamo recompile of that one code object; configs may have more than its default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for module in (*model.blocks, *model.recycle_mods):
                 module.compile(**options)

@@ -67,9 +67,8 @@ class Int5GPT(GPT):
             delattr(self, bank)
         self.load_state_dict(state_dict, strict=True, assign=True)
         device = self.tok_emb.weight.device
-        for i, block in enumerate(self.blocks):  # non-persistent buffers: not in the state dict
-            block.ln_scale = torch.tensor(layer_norm_scale(cfg, i), device=device)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            block.ln_scale = torch.tensor(layer_norm_scale(cfg, i), device=device)  # not in the state dict
             block.mlp = nn.Module()
         expected = {f"blocks.{i}.{m}.weight" for i in range(cfg.num_layers) for m in BANK_MATRICES}
         if set(matrices) != expected:
