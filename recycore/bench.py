@@ -27,6 +27,9 @@ PATHS = {
     "reference-eager": ("reference", None, False),
     "reference-compiled": ("reference", "default", False),
     "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True),
+    # the same mode over the whole model: cross-block fusions, but a compile of many minutes
+    # unless a carried autotune cache (benchmarks/h200.sh) spares the GEMM benchmarking
+    "reference-max-autotune-whole": ("reference", "max-autotune-no-cudagraphs", False),
     "triton": ("triton", "default", False),
 }
 
