@@ -33,14 +33,9 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$R/.cache/inductor}
 # *.best_config) while the compiled cache is GBs: they come back as $OUT/inductor_autotune.tgz and, carried
 # as .cache/inductor_autotune.tgz, seed the next machine's cache, which then skips the benchmarking
 # (the bulk of a max-autotune compile) but still compiles. Without a carried one, the committed
-# benchmarks/results/h200_inductor_autotune.tgz seeds it (entries are keyed by GPU, torch and triton
-# versions: another setup simply misses); AUTOTUNE_TGZ=none autotunes from scratch.
-AUTOTUNE_TGZ=${AUTOTUNE_TGZ:-$R/.cache/inductor_autotune.tgz}
-[ -f "$AUTOTUNE_TGZ" ] || [ "$AUTOTUNE_TGZ" = none ] || AUTOTUNE_TGZ=$R/benchmarks/results/h200_inductor_autotune.tgz
-if [ -f "$AUTOTUNE_TGZ" ]; then
-  mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$AUTOTUNE_TGZ" -C "$TORCHINDUCTOR_CACHE_DIR" \
-    && echo "autotune decisions restored from $AUTOTUNE_TGZ"
-fi
+# benchmarks/results/h200_inductor_autotune.tgz seeds it (recycore.bench.seed_inductor_cache);
+# RECYCORE_AUTOTUNE_ARCHIVE=none autotunes from scratch.
+[ -f "$R/.cache/inductor_autotune.tgz" ] && export RECYCORE_AUTOTUNE_ARCHIVE=${RECYCORE_AUTOTUNE_ARCHIVE:-$R/.cache/inductor_autotune.tgz}
 pack_autotune() {
   [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
   (cd "$TORCHINDUCTOR_CACHE_DIR" && find . -path './cache/*' -type f -o -name '*.best_config' -type f \
@@ -63,6 +58,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   return "$rc"
 }
 python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)" | tee -a "$LOG"
+python3 -c "from recycore.bench import seed_inductor_cache; seed_inductor_cache()" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
 mat_warm() {
   stage mat-warm "${MAT_LIMIT:-300}" python3 -c "import torch; from recycore.bench import micro_step; \

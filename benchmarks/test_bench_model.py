@@ -1,10 +1,11 @@
 """Whole-model micro-step (seed config, 48 x 2048 tokens, forward + backward):
 the Triton kernels against the reference model under torch.compile.
 
-RECYCORE_BENCH_PATHS picks the paths (default: reference-compiled,triton; add
-reference-max-autotune for the per-block max-autotune compile, which takes
-minutes: keep TORCHINDUCTOR_CACHE_DIR in an ignored folder such as
-.cache/inductor so a later run reuses its autotuning)."""
+RECYCORE_BENCH_PATHS picks the paths (default recycore.bench.SUITE_PATHS: the
+per-block max-autotune baseline, the default compile, triton). The max-autotune
+compile takes minutes: conftest.py seeds inductor's cache with the committed
+autotuning decisions, and TORCHINDUCTOR_CACHE_DIR in an ignored folder such as
+.cache/inductor lets a later run reuse the whole compile."""
 import os
 import re
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 from bench_utils import requires_cuda
 
+from recycore.bench import SUITE_PATHS
 from recycore.config import Config
 
-PATHS = re.split("[,+]", os.environ.get("RECYCORE_BENCH_PATHS", "reference-compiled,triton"))
+PATHS = re.split("[,+]", os.environ.get("RECYCORE_BENCH_PATHS", SUITE_PATHS))
 # speed-ups are against max-autotune when it runs (the headline; the whole-model compile before the
 # per-block one), else against the default compile
 BASELINE = next((p for p in ("reference-max-autotune-whole", "reference-max-autotune") if p in PATHS),

@@ -41,6 +41,53 @@ FAMILIES = (  # first match wins; patterns are searched in lower-cased kernel na
 )
 
 
+# GEMM autotune timings and pointwise best configs of the H200 runs (benchmarks/NOTES_h200_s4_*): with
+# them a bare H200 compiles the per-block max-autotune reference in ~4 min instead of ~11
+AUTOTUNE_ARCHIVE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200_inductor_autotune.tgz"
+
+
+def seed_inductor_cache(archive: str | Path | None = None, cache_dir: str | Path | None = None) -> int:
+    """Unpack saved autotuning decisions into inductor's cache (TORCHINDUCTOR_CACHE_DIR, else its
+    default), keeping every entry already there; returns the number of files added. The archive is
+    RECYCORE_AUTOTUNE_ARCHIVE if set ("none": no seeding), else the committed H200 one when present.
+    Entries are keyed by GPU, torch and triton versions: on another setup they are never looked up."""
+    import gzip
+    import tarfile
+    import zlib
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    if archive is None:
+        archive = os.environ.get("RECYCORE_AUTOTUNE_ARCHIVE")
+        if archive is None and not AUTOTUNE_ARCHIVE.exists():  # an install without benchmarks/
+            return 0
+    archive = archive or AUTOTUNE_ARCHIVE
+    if str(archive) == "none":
+        return 0
+    if not Path(archive).is_file():
+        raise FileNotFoundError(f"autotune archive {archive} does not exist (RECYCORE_AUTOTUNE_ARCHIVE=none: no seeding)")
+    target = Path(cache_dir or inductor_cache_dir())
+    added = 0
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and not (target / member.name).exists():
+                    tar.extract(member, target, filter="data")  # the data filter refuses absolute paths and '..'
+                    added += 1
+    except tarfile.FilterError as error:
+        raise ValueError(f"autotune archive {archive} holds an unsafe member: {error}") from error
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"autotune archive {archive} is not a readable .tgz: {error}") from error
+    print(f"inductor cache {target}: {added} autotuning decisions added from {archive}", flush=True)
+    return added
+
+
+# the micro-step paths `recycore bench` measures: the suite against the max-autotune baseline (minutes of
+# compile, see AUTOTUNE_ARCHIVE), the profile view the quick pair
+SUITE_PATHS = "reference-max-autotune,reference-compiled,triton"
+PROFILE_PATHS = "reference-compiled,triton"
+
+
 def kernel_family(name: str) -> str:
     lowered = name.lower()
     for family, pattern in FAMILIES:
@@ -164,8 +211,12 @@ def format_profile(result: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="print the GPU time of one micro-step by kernel family, for each path")
-    parser.add_argument("--paths", default="reference-compiled,triton",
-                        help=f"comma-separated paths for --profile (of {', '.join(PATHS)})")
+    parser.add_argument("--paths", default=None,
+                        help=f"comma-separated micro-step paths (of {', '.join(PATHS)}); default: "
+                             f"{SUITE_PATHS} for the suite, {PROFILE_PATHS} for --profile")
+    parser.add_argument("--autotune-archive", default=None,
+                        help="inductor autotuning decisions (.tgz) to seed the cache with before compiling; "
+                             "'none' for none (default: RECYCORE_AUTOTUNE_ARCHIVE, else the committed H200 one)")
     parser.add_argument("--batch-seqs", type=int, default=48, help="sequences per micro-step (seed: 48)")
     parser.add_argument("--json", default="benchmarks/results/latest.json",
                         help="where the suite writes pytest-benchmark JSON")
@@ -174,11 +225,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
+    paths = args.paths or (PROFILE_PATHS if args.profile else SUITE_PATHS)
+    unknown = [path for path in paths.split(",") if path not in PATHS]
+    if unknown:
+        raise ValueError(f"unknown micro-step path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
     if not torch.cuda.is_available():
         raise RuntimeError("recycore bench needs a CUDA GPU (the suite skips every benchmark without one)")
+    if args.autotune_archive is not None:  # the suite's pytest process reads it too (benchmarks/conftest.py)
+        os.environ["RECYCORE_AUTOTUNE_ARCHIVE"] = args.autotune_archive
     if args.profile:
         cfg = Config.from_args(args)
-        results = [profile(path, cfg, args.batch_seqs) for path in args.paths.split(",")]
+        if "max-autotune" in paths:
+            seed_inductor_cache()
+        results = [profile(path, cfg, args.batch_seqs) for path in paths.split(",")]
         for result in results:
             print(format_profile(result))
         print(json.dumps(results, indent=1, default=str), file=sys.stderr)
@@ -189,7 +248,7 @@ def run(args) -> None:
     if args.select:
         command += ["-k", args.select]
     print("+", " ".join(command), flush=True)
-    status = subprocess.call(command, env={**os.environ})
+    status = subprocess.call(command, env={**os.environ, "RECYCORE_BENCH_PATHS": paths})
     if status:
         sys.exit(status)
     subprocess.check_call([sys.executable, str(suite / "report.py"), args.json])

@@ -121,3 +121,69 @@ def test_max_autotune_graphs_of_the_seed_model(path, graphs):
     ids = torch.randint(0, cfg.vocab_size, (1, 33))
     step(ids[:, :-1], ids[:, 1:])
     assert counter.frame_count == graphs
+
+
+def _archive(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_seed_inductor_cache_adds_decisions_and_keeps_existing_entries(tmp_path, monkeypatch):
+    from recycore.bench import seed_inductor_cache
+
+    monkeypatch.delenv("RECYCORE_AUTOTUNE_ARCHIVE", raising=False)
+    archive = _archive(tmp_path / "a.tgz", {"./cache/abc123": b"timings", "./ab/cd/k.best_config": b"{}",
+                                            "./cache/kept": b"from the archive"})
+    cache = tmp_path / "inductor"
+    (cache / "cache").mkdir(parents=True)
+    (cache / "cache" / "kept").write_bytes(b"local")
+    assert seed_inductor_cache(archive, cache) == 2
+    assert (cache / "cache" / "abc123").read_bytes() == b"timings"
+    assert (cache / "ab" / "cd" / "k.best_config").read_bytes() == b"{}"
+    assert (cache / "cache" / "kept").read_bytes() == b"local"
+    assert seed_inductor_cache(archive, cache) == 0
+    monkeypatch.setenv("RECYCORE_AUTOTUNE_ARCHIVE", "none")
+    assert seed_inductor_cache(cache_dir=cache / "other") == 0 and not (cache / "other").exists()
+
+
+def test_seed_inductor_cache_bad_archives_are_clear_errors(tmp_path):
+    from recycore.bench import seed_inductor_cache
+
+    with pytest.raises(FileNotFoundError, match="missing.tgz does not exist"):
+        seed_inductor_cache(tmp_path / "missing.tgz", tmp_path / "c")
+    (tmp_path / "junk.tgz").write_bytes(b"not a tarball")
+    with pytest.raises(ValueError, match="junk.tgz is not a readable .tgz"):
+        seed_inductor_cache(tmp_path / "junk.tgz", tmp_path / "c")
+    good = _archive(tmp_path / "good.tgz", {"./cache/x": b"0" * 4096})
+    (tmp_path / "cut.tgz").write_bytes(good.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cut.tgz is not a readable .tgz"):
+        seed_inductor_cache(tmp_path / "cut.tgz", tmp_path / "c")
+    evil = _archive(tmp_path / "evil.tgz", {"../escaped": b"x"})
+    with pytest.raises(ValueError, match="unsafe member"):
+        seed_inductor_cache(evil, tmp_path / "c")
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_committed_h200_autotune_archive_is_readable(tmp_path, monkeypatch):
+    # the decisions that let a bare H200 compile the max-autotune baseline in minutes
+    from recycore.bench import AUTOTUNE_ARCHIVE, seed_inductor_cache
+
+    monkeypatch.delenv("RECYCORE_AUTOTUNE_ARCHIVE", raising=False)
+    assert seed_inductor_cache(cache_dir=tmp_path) > 100
+    names = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(n.startswith("cache/") for n in names) and any(n.endswith(".best_config") for n in names)
+    assert AUTOTUNE_ARCHIVE.stat().st_size < 256 * 1024
+
+
+def test_bench_unknown_path_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-m", "recycore", "bench", "--paths", "triton,reference-fast"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown micro-step path(s) reference-fast" in result.stderr and "reference-max-autotune" in result.stderr
