@@ -167,19 +167,23 @@ def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20, 
     return result
 
 
-def profile_step(step, x, y) -> dict:
-    """GPU milliseconds of one (warm) step per kernel family, and the top kernels."""
+def profile_step(step, *args, device="cuda") -> dict:
+    """Milliseconds of one (warm) call of step(*args) per kernel family, and the top kernels: GPU time
+    of the CUDA kernels, or on the CPU (the tests) the operators' own CPU time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(x, y)
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
         torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        step(*args)
+        if on_gpu:
+            torch.cuda.synchronize()
     families: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
-        ms = event.device_time_total / 1000.0
+        ms = (event.device_time_total if on_gpu else event.self_cpu_time_total) / 1000.0
         if ms <= 0:
             continue
         families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0.0) + ms
@@ -188,20 +192,34 @@ def profile_step(step, x, y) -> dict:
     return {"total_ms": sum(families.values()), "families": families, "top_kernels": top}
 
 
-def profile(path: str, cfg: Config, batch_seqs: int = 48) -> dict:
-    """The profiler view of one micro-step of one path."""
-    model, step = build(path, cfg)
-    x, y = random_batch(cfg, batch_seqs)
-    for _ in range(3):
+def profile(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") -> dict:
+    """The profiler view of one micro-step of one path, then of the optimiser step that ends a
+    training step (once per step: with the seed's 8 GPUs, once per micro-step). All of the optimiser
+    step's kernels count as `optimizer`, its Newton-Schulz matmuls too; the top kernels are the
+    micro-step's."""
+    from recycore.optim import OptimizerSet
+
+    model, step = build(path, cfg, device=device)
+    x, y = random_batch(cfg, batch_seqs, device=device)
+    optimizers = OptimizerSet(model, cfg)
+    optimizers.set_schedule(1.0, cfg.muon_momentum)
+    for _ in range(3):  # warm: compiles, autotuning, the optimiser's state
         step(x, y)
-    return {"path": path, **profile_step(step, x, y)}
+        optimizers.step()
+        optimizers.zero_grad()
+    result = {"path": path, **profile_step(step, x, y, device=device)}
+    optimizer_ms = profile_step(optimizers.step, device=device)["total_ms"]
+    result["families"]["optimizer"] = result["families"].get("optimizer", 0.0) + optimizer_ms
+    result["total_ms"] += optimizer_ms
+    return result
 
 
 def format_profile(result: dict) -> str:
-    lines = [f"{result['path']}: {result['total_ms']:.1f} ms of GPU kernels"]
+    with_optimizer = " (micro-step + optimiser step)" if "optimizer" in result["families"] else ""
+    lines = [f"{result['path']}: {result['total_ms']:.1f} ms of kernels{with_optimizer}"]
     for family, ms in sorted(result["families"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {family:<18} {ms:8.2f} ms  {100 * ms / result['total_ms']:5.1f}%")
-    lines.append("  top kernels:")
+    lines.append("  top kernels of the micro-step:")
     for name, ms in result["top_kernels"]:
         lines.append(f"    {ms:8.2f} ms  [{kernel_family(name)}] {name[:90]}")
     return "\n".join(lines)

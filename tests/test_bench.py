@@ -187,3 +187,20 @@ def test_bench_unknown_path_is_a_clear_error():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown micro-step path(s) reference-fast" in result.stderr and "reference-max-autotune" in result.stderr
+
+
+def test_profile_view_has_the_optimizer_step():
+    # `recycore bench --profile` on the CPU profiler: the micro-step's families plus one optimiser step
+    import torch
+
+    from recycore.bench import format_profile, profile
+    from recycore.config import Config
+    from recycore.train import PRESETS
+
+    torch._dynamo.reset()
+    result = profile("reference-eager", Config().replace(**PRESETS["ci"]), batch_seqs=2, device="cpu")
+    families = result["families"]
+    assert families["optimizer"] > 0 and families["gemm"] > 0
+    assert result["total_ms"] == pytest.approx(sum(families.values()))
+    text = format_profile(result)
+    assert "(micro-step + optimiser step)" in text and "optimizer" in text and "top kernels of the micro-step" in text
