@@ -27,8 +27,8 @@ PATHS = {
     "reference-eager": ("reference", None, False),
     "reference-compiled": ("reference", "default", False),
     "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True),
-    # the same mode over the whole model: cross-block fusions, but a compile of many minutes
-    # unless a carried autotune cache (benchmarks/h200.sh) spares the GEMM benchmarking
+    # the same mode over the whole model: cross-block fusions, but its compile did not finish in
+    # 9 minutes on an H200 even with the saved GEMM decisions (benchmarks/NOTES_h200_s4_*)
     "reference-max-autotune-whole": ("reference", "max-autotune-no-cudagraphs", False),
     "triton": ("triton", "default", False),
 }
@@ -228,7 +228,7 @@ def format_profile(result: dict) -> str:
 # --- CLI ---------------------------------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--profile", action="store_true",
-                        help="print the GPU time of one micro-step by kernel family, for each path")
+                        help="print the GPU time of one micro-step and one optimiser step by kernel family, for each path")
     parser.add_argument("--paths", default=None,
                         help=f"comma-separated micro-step paths (of {', '.join(PATHS)}); default: "
                              f"{SUITE_PATHS} for the suite, {PROFILE_PATHS} for --profile")
