@@ -27,8 +27,8 @@ PATHS = {
     "reference-eager": ("reference", None, False),
     "reference-compiled": ("reference", "default", False),
     "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True),
-    # the same mode over the whole model: cross-block fusions, but its compile did not finish in
-    # 9 minutes on an H200 even with the saved GEMM decisions (benchmarks/NOTES_h200_s4_*)
+    # the same mode over the whole model: cross-block fusions, but its compile did not finish within
+    # 8 minutes on an H200 even with the saved GEMM decisions (benchmarks/NOTES_h200_s4_*)
     "reference-max-autotune-whole": ("reference", "max-autotune-no-cudagraphs", False),
     "triton": ("triton", "default", False),
 }
