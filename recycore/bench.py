@@ -57,11 +57,9 @@ def seed_inductor_cache(archive: str | Path | None = None, cache_dir: str | Path
 
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
-    if archive is None:
-        archive = os.environ.get("RECYCORE_AUTOTUNE_ARCHIVE")
-        if archive is None and not AUTOTUNE_ARCHIVE.exists():  # an install without benchmarks/
-            return 0
-    archive = archive or AUTOTUNE_ARCHIVE
+    # an install without benchmarks/ has no committed archive: nothing to seed
+    archive = archive or os.environ.get("RECYCORE_AUTOTUNE_ARCHIVE") or (
+        AUTOTUNE_ARCHIVE if AUTOTUNE_ARCHIVE.exists() else "none")
     if str(archive) == "none":
         return 0
     if not Path(archive).is_file():
