@@ -3,9 +3,9 @@
 
 `load_int5_model(path)` builds an `Int5GPT`: GPT without its four fp32 banks. Each attention/MLP
 matrix the artifact stores as int5 is transcoded once, at load, into K3's GPU layout
-(`transcode_artifact`) and held as a `PackedInt5Weight`; `bank_weights` hands these to the usual
-dispatch points, where `ops.linear` / `ops.leaky_relu2_mlp` run K3's `int5_linear` on them (the
-MLP's LeakyReLU² in the up projection's epilogue). Every other tensor is dequantised by the same
+(`transcode_artifact`) and held as an `Int5Linear`; `bank_weights` hands these to the usual
+dispatch points, which recognise the type and run K3's `int5_linear` on them (the MLP's LeakyReLU²
+in the up projection's epilogue). Every other tensor is dequantised by the same
 function as `load_artifact` (quant.dequantize_state_dict), so it is identical to the dequantised
 model's. Two documented fallbacks keep a dense tensor:
   * a bank matrix the artifact does not store as int5 (the seed passes matrices of <= 65,536
@@ -25,24 +25,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from recycore import artifact, quant
+from recycore.banks import BANK_NAMES, LAYER_MATRICES, matrix_name
 from recycore.config import Config
-from recycore.kernels.int5 import Int5Linear, int5_linear
+from recycore.errors import ArtifactError
+from recycore.kernels.int5 import Int5Linear
 from recycore.model import GPT, layer_norm_scale
-from recycore.quant import ArtifactError
-
-# A layer's bank matrices under the seed's (un-banked) names, in `GPT.bank_weights` order:
-# W_q, W_k, W_v, W_o, W_up, W_down.
-BANK_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
-BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-
-
-class PackedInt5Weight(Int5Linear):
-    """One (out_features, in_features) int5 matrix in K3's GPU layout (buffers `packed`, int32
-    words, rows padded to 128 values, and `scales`, fp16 per row), with the activation chosen per
-    call: `ops.linear` calls `.linear(x)`, `ops.leaky_relu2_mlp` `.linear(u, "leaky_relu2")`."""
-
-    def linear(self, x: Tensor, activation: str | None = None) -> Tensor:
-        return int5_linear(x, self.packed, self.scales, self.out_features, self.in_features, activation)
 
 
 class DenseMatrix(nn.Module):
@@ -55,7 +42,7 @@ class DenseMatrix(nn.Module):
 
 class Int5GPT(GPT):
     """GPT for evaluation whose bank matrices are modules of the blocks, under the artifact's names
-    (blocks.{i}.attn.c_q, .attn.c_k, .attn.c_v, .attn.proj, .mlp.fc, .mlp.proj): PackedInt5Weight,
+    (blocks.{i}.attn.c_q, .attn.c_k, .attn.c_v, .attn.proj, .mlp.fc, .mlp.proj): Int5Linear,
     or DenseMatrix for a matrix the artifact keeps in another format. There are no banks."""
 
     def __init__(self, cfg: Config, matrices: dict[str, nn.Module], state_dict: dict[str, Tensor]):
@@ -63,14 +50,14 @@ class Int5GPT(GPT):
         GPT(cfg) (the banks excluded), dequantised."""
         with torch.device("meta"):  # no banks allocated or initialised: every tensor comes from the artifact
             super().__init__(cfg)
-        for bank in BANKS:
+        for bank in BANK_NAMES:
             delattr(self, bank)
         self.load_state_dict(state_dict, strict=True, assign=True)
         device = self.tok_emb.weight.device
         for i, block in enumerate(self.blocks):
             block.ln_scale = torch.tensor(layer_norm_scale(cfg, i), device=device)  # not in the state dict
             block.mlp = nn.Module()
-        expected = {f"blocks.{i}.{m}.weight" for i in range(cfg.num_layers) for m in BANK_MATRICES}
+        expected = {matrix_name(i, m) for i in range(cfg.num_layers) for m in LAYER_MATRICES}
         if set(matrices) != expected:
             raise ValueError(f"matrices must be exactly the {len(expected)} bank matrices of the config's model; "
                              f"missing {sorted(expected - set(matrices))[:3]}, "
@@ -81,13 +68,13 @@ class Int5GPT(GPT):
         self.requires_grad_(False)
         self.eval()
 
-    def bank_weights(self, layer: int) -> tuple[Tensor | PackedInt5Weight, ...]:
+    def bank_weights(self, layer: int) -> tuple[Tensor | Int5Linear, ...]:
         """(W_q, W_k, W_v, W_o, W_up, W_down) of physical layer `layer`: packed, or dense tensors."""
         block = self.blocks[layer]
-        return tuple(_operand(block.get_submodule(m)) for m in BANK_MATRICES)
+        return tuple(_operand(block.get_submodule(m)) for m in LAYER_MATRICES)
 
 
-def _operand(module: nn.Module) -> Tensor | PackedInt5Weight:
+def _operand(module: nn.Module) -> Tensor | Int5Linear:
     return module.weight if isinstance(module, DenseMatrix) else module
 
 
@@ -95,7 +82,7 @@ def _is_int5(fmt) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == quant.INT5_PACKED
 
 
-def _packed_matrix(name: str, w: dict, shape: tuple[int, int], device) -> PackedInt5Weight:
+def _packed_matrix(name: str, w: dict, shape: tuple[int, int], device) -> Int5Linear:
     """The artifact's int5 entry `name` (.q bytes, .scale, .shape), checked against the model's
     shape and transcoded on `device`."""
     def get(key: str) -> Tensor:
@@ -112,7 +99,7 @@ def _packed_matrix(name: str, w: dict, shape: tuple[int, int], device) -> Packed
         raise ArtifactError(f"{name}.scale must hold {shape[0]} float scales (one per row), "
                             f"got {scale.dtype} of shape {tuple(scale.shape)}")
     try:
-        return PackedInt5Weight.from_artifact(get(name + ".q").to(device), scale.to(device), shape)
+        return Int5Linear.from_artifact(get(name + ".q").to(device), scale.to(device), shape)
     except (TypeError, ValueError) as exc:  # wrong byte count or dtype, codes above 30
         raise ArtifactError(f"int5 matrix {name}: {exc}") from None
 
@@ -125,7 +112,7 @@ def load_int5_model(path, cfg: Config | None = None, device="cpu") -> tuple[Int5
     cfg = artifact.artifact_config(obj, cfg)
     template = quant.unbank_state_dict(artifact.model_template(cfg), cfg.num_layers)
     w, m = obj["w"], obj["m"]
-    names = [f"blocks.{i}.{matrix}.weight" for i in range(cfg.num_layers) for matrix in BANK_MATRICES]
+    names = [matrix_name(i, matrix) for i in range(cfg.num_layers) for matrix in LAYER_MATRICES]
     packed = [name for name in names if _is_int5(m.get(name))]
     try:
         flat = quant.dequantize_state_dict(w, {k: v for k, v in m.items() if k not in packed},
@@ -149,7 +136,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int | float]:
       padding of rows to 128 values); other: everything else;
       dequantised_fp32 / dequantised_bf16: other + the packed matrices in fp32 (as GPT holds its
       banks) / in bf16."""
-    packed = [module for module in model.modules() if isinstance(module, PackedInt5Weight)]
+    packed = [module for module in model.modules() if isinstance(module, Int5Linear)]
     tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}  # tied tensors once
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     words = sum(p.packed.numel() * p.packed.element_size() for p in packed)

@@ -1,4 +1,4 @@
-"""The 12L RecycledCore model, in the order of SPEC.md §2.
+"""The 12L RecycledCore model, in the order of docs/SPEC.md §2.
 
 x = rms(tok_emb[ids] + bigram(ids)); x = smear(x); x0 = x
 encoder layers (push skips; layer 0's raw values become v0)
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recycore import ops
+from recycore.banks import bank_shapes, layer_slots
 from recycore.config import Config
 
 
@@ -223,11 +224,9 @@ class GPT(nn.Module):
         self.num_encoder_layers = L // 2
         self.num_decoder_layers = L - L // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), d))
-        # Banks: qo = [Q_0..Q_{L-1}, O_0..O_{L-1}], kv = [K..., V...]; fp32 masters for Muon.
-        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
-        self.kv_bank = nn.Parameter(torch.empty(2 * L, cfg.kv_dim, d))
-        self.mlp_up_bank = nn.Parameter(torch.empty(L, cfg.mlp_dim, d))
-        self.mlp_down_bank = nn.Parameter(torch.empty(L, d, cfg.mlp_dim))
+        # Banks (recycore.banks): the attention and MLP matrices of all layers, fp32 masters for Muon.
+        for name, shape in bank_shapes(L, d, cfg.kv_dim, cfg.mlp_dim).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
         self.ve_layers = list(cfg.ve_layers) if cfg.ve_enabled else []
         self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim) if self.ve_layers else None
@@ -273,9 +272,7 @@ class GPT(nn.Module):
 
     def bank_weights(self, layer: int) -> tuple[Tensor, ...]:
         """(W_q, W_k, W_v, W_o, W_up, W_down) of physical layer `layer`."""
-        L = self.cfg.num_layers
-        return (self.qo_bank[layer], self.kv_bank[layer], self.kv_bank[L + layer], self.qo_bank[L + layer],
-                self.mlp_up_bank[layer], self.mlp_down_bank[layer])
+        return tuple(getattr(self, bank)[index] for bank, index in layer_slots(self.cfg.num_layers, layer))
 
     def value_embedding(self, layer: int, ids: Tensor, cache: dict) -> Tensor | None:
         if layer not in self.ve_layers:

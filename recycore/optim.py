@@ -1,4 +1,4 @@
-"""Optimisers and schedules of SPEC.md §3.
+"""Optimisers and schedules of docs/SPEC.md §3.
 
 * Muon on the four weight banks: Nesterov momentum, Newton-Schulz (NS5)
   orthogonalisation in bf16, decoupled weight decay, shape-scaled step. Across
@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from recycore.banks import BANK_NAMES
+
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
-BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 
 

@@ -1,4 +1,4 @@
-"""Quantisation of the model's state dict into the seed's artifact format (SPEC.md §4).
+"""Quantisation of the model's state dict into the seed's artifact format (docs/SPEC.md §4).
 
 The artifact holds two dicts: `w` (tensors) and `m` (a format per original
 tensor name). Per tensor, in the seed's order:
@@ -26,13 +26,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from recycore.banks import bank_slices
+from recycore.errors import ArtifactError
+from recycore.int5_codec import INT5_MAX, pack_int5, unpack_int5
+
 CONTROL_TENSOR_NAME_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
     "skip_weight", "skip_weights", "smear", "dtg_gate", "ve_layer_scales", "ve_shared.scale", "attn_gate",
     "vr_lambda",
 )
 PASSTHROUGH_MAX_NUMEL = 65_536
-INT5_MAX = 15
 INT8_MAX = 127
 INT5_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 1.0)
 INT8_CLIP_QUANTILE = 99.99984 / 100.0  # written as the seed computes it, so the float is identical
@@ -46,10 +49,6 @@ INT5_CATEGORIES = ("mlp", "attn")
 
 PASSTHROUGH, PASSTHROUGH_CTRL = "passthrough", "passthrough_ctrl"
 INT5_PACKED, INT8 = "int5_packed", "int8"
-
-
-class ArtifactError(ValueError):
-    """A malformed, corrupted or mismatched artifact; the message names the problem."""
 
 
 # ---------------------------------------------------------------------------
@@ -199,61 +198,12 @@ def quantize_int8(t: Tensor, scheme: str = "seed") -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------
-# int5 packing: 8 values -> one little-endian 40-bit word -> 5 bytes
-# ---------------------------------------------------------------------------
-_VALUE_SHIFTS = torch.arange(0, 40, 5, dtype=torch.int64)  # value j at bits 5j..5j+4
-_BYTE_SHIFTS = torch.arange(0, 40, 8, dtype=torch.int64)  # byte k holds bits 8k..8k+7
-
-
-def pack_int5(q: Tensor) -> Tensor:
-    """Row-major values in [-15, 15] -> uint8 bytes, ceil(n/8)*5 of them. Each group of
-    8 values (q+15 in [0, 30]) is one little-endian 40-bit word with value j in bits
-    5j..5j+4; the tail group is padded with zero bits."""
-    flat = q.detach().cpu().flatten().to(torch.int64)
-    if flat.numel() and (flat.min() < -INT5_MAX or flat.max() > INT5_MAX):
-        raise ValueError(f"pack_int5: values must lie in [-15, 15], got [{int(flat.min())}, {int(flat.max())}]")
-    groups = torch.nn.functional.pad(flat + INT5_MAX, (0, -flat.numel() % 8)).view(-1, 8)
-    words = (groups << _VALUE_SHIFTS).sum(dim=1)
-    return ((words[:, None] >> _BYTE_SHIFTS) & 0xFF).to(torch.uint8).flatten()
-
-
-def unpack_int5(packed: Tensor, shape) -> Tensor:
-    """The inverse of pack_int5: int8 values in [-15, 15] of the given shape."""
-    shape = tuple(int(d) for d in shape)
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = -(-numel // 8) * 5
-    if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != expected:
-        raise ArtifactError(f"int5 data for shape {shape} must be {expected} uint8 bytes, "
-                            f"got {packed.numel()} of {packed.dtype}")
-    words = (packed.to(torch.int64).view(-1, 5) << _BYTE_SHIFTS).sum(dim=1)
-    values = ((words[:, None] >> _VALUE_SHIFTS) & 0x1F).flatten()[:numel]
-    if numel and values.max() > 2 * INT5_MAX:
-        raise ArtifactError(f"int5 data holds code {int(values.max())} > 30 (corrupted)")
-    return (values - INT5_MAX).to(torch.int8).view(shape)
-
-
-# ---------------------------------------------------------------------------
 # State dicts
 # ---------------------------------------------------------------------------
-def _bank_slices(num_layers: int) -> dict[str, list[tuple[int, str]]]:
-    """bank name -> [(index in the bank, un-banked name)] in the seed's order."""
-    L = num_layers
-    return {
-        "qo_bank": [(j, f"blocks.{i}.attn.c_q.weight") if j < L else (j, f"blocks.{i}.attn.proj.weight")
-                    for i in range(L) for j in (i, L + i)],
-        "kv_bank": [(j, f"blocks.{i}.attn.c_k.weight") if j < L else (j, f"blocks.{i}.attn.c_v.weight")
-                    for i in range(L) for j in (i, L + i)],
-        "mlp_up_bank": [(i, f"blocks.{i}.mlp.fc.weight") for i in range(L)],
-        "mlp_down_bank": [(i, f"blocks.{i}.mlp.proj.weight") for i in range(L)],
-    }
-
-
 def unbank_state_dict(sd: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
     """Banks -> one 2-D matrix per layer under the seed's names (the bank's place in
     the order is taken by its matrices, Q_i/O_i and K_i/V_i interleaved)."""
-    slices = _bank_slices(num_layers)
+    slices = bank_slices(num_layers)
     out: dict[str, Tensor] = {}
     for name, t in sd.items():
         if name in slices:
@@ -269,7 +219,7 @@ def unbank_state_dict(sd: dict[str, Tensor], num_layers: int) -> dict[str, Tenso
 
 def rebank_state_dict(sd: dict[str, Tensor], num_layers: int, template: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of unbank_state_dict; banks take the dtype of the template's banks."""
-    slices = _bank_slices(num_layers)
+    slices = bank_slices(num_layers)
     consumed: set[str] = set()
     out: dict[str, Tensor] = {}
     for bank, parts in slices.items():

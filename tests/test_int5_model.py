@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rel_err, write_raw_artifact
 
-from recycore import artifact, int5_model, quant
+from recycore import artifact, int5_model, ops, quant
 from recycore.config import Config
-from recycore.int5_model import DenseMatrix, Int5GPT, PackedInt5Weight, load_int5_model, weight_bytes
+from recycore.banks import BANK_NAMES
+from recycore.int5_model import DenseMatrix, Int5GPT, load_int5_model, weight_bytes
+from recycore.kernels.int5 import Int5Linear
 from recycore.model import GPT
-from recycore.quant import ArtifactError
+from recycore.errors import ArtifactError
 
 # model_dim 272: Q/O (272x272 = 73,984 values), up (408x272) and down (272x408) exceed the seed's
 # 65,536-value pass-through limit and go int5, with ragged rows (272, 408: padded to 384, 512);
@@ -57,7 +59,7 @@ def int5_forward(loaded):
     model = loaded[0]
     ids = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     int5_calls, dense_shapes = [], []
-    real_int5, real_linear = int5_model.int5_linear, F.linear
+    real_int5, real_linear = ops.int5_linear, F.linear
 
     def record_int5(x, packed, scales, out_features, in_features, activation=None):
         int5_calls.append((out_features, in_features, activation))
@@ -68,7 +70,7 @@ def int5_forward(loaded):
         return real_linear(x, w, b)
 
     with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
-        mp.setattr(int5_model, "int5_linear", record_int5)
+        mp.setattr(ops, "int5_linear", record_int5)
         mp.setattr(F, "linear", record_linear)
         logits = model.forward_logits(ids[:, :-1])
     return ids, logits, int5_calls, dense_shapes
@@ -100,7 +102,7 @@ def test_packed_matrices_run_on_k3_and_never_dense(int5_forward, loaded):
     d, mlp = CFG.model_dim, CFG.mlp_dim
     per_pass = [(d, d, None), (d, d, None), (mlp, d, "leaky_relu2"), (d, mlp, None)]  # Q, O, up (+act), down
     assert sorted(int5_calls, key=str) == sorted(per_pass * LAYER_PASSES, key=str)
-    packed_shapes = {(p.out_features, p.in_features) for p in model.modules() if isinstance(p, PackedInt5Weight)}
+    packed_shapes = {(p.out_features, p.in_features) for p in model.modules() if isinstance(p, Int5Linear)}
     assert packed_shapes == {(d, d), (mlp, d), (d, mlp)}
     assert not packed_shapes & set(dense_shapes)  # no F.linear on a dequantised copy of a packed matrix
     assert dense_shapes.count((CFG.kv_dim, d)) == 2 * LAYER_PASSES  # K, V: the dense fallback
@@ -110,14 +112,14 @@ def test_model_holds_packed_matrices_and_no_banks(loaded):
     model, _, info = loaded
     assert isinstance(model, Int5GPT) and not model.training
     assert info["int5_matrices"] == len(INT5_NAMES) and info["dense_matrices"] == len(DENSE_NAMES)
-    for bank in int5_model.BANKS:
+    for bank in BANK_NAMES:
         assert not hasattr(model, bank)
     for name in INT5_NAMES:
         module = model.get_submodule(name.removesuffix(".weight"))
-        assert isinstance(module, PackedInt5Weight)
+        assert isinstance(module, Int5Linear)
         assert module.packed.dtype == torch.int32 and module.scales.dtype == torch.float16
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    packed_shapes = {(p.out_features, p.in_features) for p in model.modules() if isinstance(p, PackedInt5Weight)}
+    packed_shapes = {(p.out_features, p.in_features) for p in model.modules() if isinstance(p, Int5Linear)}
     dense = [n for n, t in tensors.items() if t.is_floating_point() and tuple(t.shape) in packed_shapes]
     assert dense == []
     assert not any(t.is_meta or t.requires_grad for t in tensors.values())
@@ -126,7 +128,7 @@ def test_model_holds_packed_matrices_and_no_banks(loaded):
 def test_weight_bytes_is_five_bits_per_weight_plus_row_padding(loaded):
     model = loaded[0]
     sizes = weight_bytes(model)
-    packed = [p for p in model.modules() if isinstance(p, PackedInt5Weight)]
+    packed = [p for p in model.modules() if isinstance(p, Int5Linear)]
     padded = sum(p.out_features * -(-p.in_features // 128) * 128 for p in packed)
     values = sum(p.out_features * p.in_features for p in packed)
     assert sizes["int5_values"] == values
@@ -143,7 +145,7 @@ def test_weight_bytes_is_five_bits_per_weight_plus_row_padding(loaded):
 
 def test_packed_weight_is_exactly_five_bits_on_whole_groups():
     q = torch.randint(-15, 16, (6, 256), dtype=torch.int8)
-    weight = PackedInt5Weight.from_artifact(quant.pack_int5(q), torch.rand(6).half() + 0.1, (6, 256))
+    weight = Int5Linear.from_artifact(quant.pack_int5(q), torch.rand(6).half() + 0.1, (6, 256))
     assert weight.packed.numel() * 32 == 5 * q.numel()
     assert {name for name, _ in weight.named_buffers()} == {"packed", "scales"}
     moved = torch.nn.Sequential(weight).to("meta")  # buffers: .to(device) moves them
@@ -192,7 +194,7 @@ def _short_scale(w, key):
 
 @pytest.mark.parametrize("suffix, corrupt, message", [
     (".q", _drop, r"lacks tensor blocks\.0\.mlp\.fc\.weight\.q"),
-    (".q", _truncate, r"blocks\.0\.mlp\.fc\.weight: int5 bytes .* must number"),
+    (".q", _truncate, r"blocks\.0\.mlp\.fc\.weight: int5 data .* must be \d+ uint8 bytes"),
     (".q", _code_31, r"blocks\.0\.mlp\.fc\.weight: .*code 31"),
     (".shape", _reshape, r"blocks\.0\.mlp\.fc\.weight has shape \(272, 271\) .* expects \(408, 272\)"),
     (".scale", _short_scale, r"blocks\.0\.mlp\.fc\.weight\.scale must hold 408"),
@@ -219,23 +221,21 @@ def test_int5_matmuls_follow_autocast(loaded):
     """Under autocast (as evaluation runs) a packed matrix gets its activations in the autocast
     dtype, as F.linear would: autocast does not cast a custom op's inputs, and on CUDA the RMSNorm
     outputs feeding the projections are fp32 (autocast's fp32 list), which ran K3 in fp32."""
-    from recycore import ops
-
     model = loaded[0]
     fc, proj = model.blocks[0].mlp.fc, model.blocks[0].mlp.proj
     x = torch.randn(5, fc.in_features, device=DEVICE)  # fp32, as an RMSNorm output under autocast
     dtypes = []
-    real_int5 = int5_model.int5_linear
+    real_int5 = ops.int5_linear
 
     def record_int5(x, *args, **kwargs):
         dtypes.append(x.dtype)
         return real_int5(x, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
-        mp.setattr(int5_model, "int5_linear", record_int5)
+        mp.setattr(ops, "int5_linear", record_int5)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             y = ops.linear(x, fc)
-            mlp = ops.leaky_relu2_mlp(x, fc, proj)
+            mlp = ops.leaky_relu2_mlp(x, fc, proj, "auto")
         assert y.dtype == mlp.dtype == torch.bfloat16 and dtypes == [torch.bfloat16] * 3
         dtypes.clear()
         assert ops.linear(x, fc).dtype == torch.float32 and dtypes == [torch.float32]  # no autocast: as given

@@ -5,7 +5,9 @@ import torch
 from recycore import quant
 from recycore.config import Config
 from recycore.model import GPT
-from recycore.quant import ArtifactError, pack_int5, quantize_int5, quantize_int8, unpack_int5
+from recycore.errors import ArtifactError
+from recycore.int5_codec import pack_int5, unpack_int5
+from recycore.quant import quantize_int5, quantize_int8
 
 # Big enough that attention (384x384, 192x384) and MLP (1152x384) matrices go int5
 # and the embedding (512x384) int8; still only a few million parameters.
