@@ -9,9 +9,10 @@ TFLOP/s count the GEMMs: 2 * 2*M*d*h forward, 6 * 2*M*d*h forward+backward.
 processes (Triton's disk cache), `python benchmarks/test_bench_mlp.py OUT_DIR` then sweeps block
 configs and split-K for each of the six GEMMs, times the alternatives of each (Triton vs cuBLAS;
 the M-tiled GEMMs also on the template's persistent TMA kernel, GemmConfig(persistent=True)),
-keeps the best configs of the template GEMMs (OUT_DIR/k1_best.json, persistent or not), profiles our forward+backward
-and times ours and the bare cuBLAS GEMMs with them (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` then times ours (with
-k1_best.json) against the max-autotune baseline in a fresh process (OUT_DIR/k1_baseline.json).
+writes the best configs of the template GEMMs (OUT_DIR/k1_best.json, persistent or not: copy the winners into
+kernels/mlp.py's SEED_CONFIGS), profiles our forward+backward with the committed configs and times ours and the
+bare cuBLAS GEMMs (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` times ours (both variants) against the
+max-autotune baseline in a fresh process (OUT_DIR/k1_baseline.json).
 """
 import json
 import os
@@ -62,8 +63,11 @@ def _step(name, inputs, backward):
 
     if name == "cublas_gemms_only":
         return _cublas_gemms(*inputs, backward)
-    if name == "ours":
-        fn = leaky_relu2_mlp
+    if name in ("ours", "ours_tiled"):
+        variant = "tiled" if name == "ours_tiled" else "persistent"
+
+        def fn(u, w_up, w_down):
+            return leaky_relu2_mlp(u, w_up, w_down, variant)
     else:
         if "max_autotune" not in _COMPILED:
             _COMPILED["max_autotune"] = torch.compile(leaky_relu2_mlp_reference, mode="max-autotune", fullgraph=True)
@@ -81,15 +85,12 @@ def _step(name, inputs, backward):
 
 
 @requires_cuda
-@pytest.mark.parametrize("name", ["ours", "max_autotune", "cublas_gemms_only"])
+@pytest.mark.parametrize("name", ["ours", "ours_tiled", "max_autotune", "cublas_gemms_only"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 def test_bench_mlp(benchmark, name, backward):
     torch.manual_seed(0)
     step = _step(name, make_inputs(requires_grad=backward), backward)
-    from recycore.kernels import mlp
-
-    label = f"{name}_tiled" if name == "ours" and not mlp.PERSISTENT else name
-    gpu_time(benchmark, step, group=f"K1 MLP {'fwd+bwd' if backward else 'fwd'}", label=label,
+    gpu_time(benchmark, step, group=f"K1 MLP {'fwd+bwd' if backward else 'fwd'}", label=name,
              flops=(6 if backward else 2) * GEMM_FLOPS, baseline=name == "max_autotune")
 
 
@@ -258,14 +259,6 @@ def _time_contenders(report, names, out_dir, name):
         print(f"{key:28s} {row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):5.0f} TF  {'  '.join(ratios)}")
 
 
-def _apply_best(best):
-    from recycore.kernels import mlp
-    from recycore.kernels.gemm import GemmConfig
-
-    for role, fields in best.items():
-        mlp.SEED_CONFIGS[role] = GemmConfig(**fields)
-
-
 def precompile_sweep(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     cases = _k1_cases()
@@ -290,7 +283,7 @@ def sweep(out_dir):
 
     torch.manual_seed(0)
     t = _k1_tensors(SEED_M, SEED_D, SEED_H)
-    _k1_call(t, "up", "pre+post", mlp.SEED_CONFIGS["up"], 1)()  # pre and post hold real values
+    _k1_call(t, "up", "pre+post", mlp.SEED_CONFIGS["persistent"]["up"], 1)()  # pre and post hold real values
     cublas = [(role, "cublas", None, 1) for role in ("up", "down", "d_pre", "du", "dw_down", "dw_up")]
     for role, variant, config, split_k in cases + cublas:
         row = {"role": role, "variant": variant, "config": config, "split_k": split_k}
@@ -326,9 +319,8 @@ def sweep(out_dir):
         chosen[role] = fields
     report["chosen"] = chosen
     _dump(chosen, out_dir, "k1_best.json")
-    _apply_best(chosen)
 
-    # Where the time of our forward+backward goes, kernel by kernel, with the chosen configs.
+    # Where the time of our forward+backward goes, kernel by kernel, with the committed configs.
     u, w_up, w_down = make_inputs(requires_grad=True)
     d_out = torch.randn_like(u)
 
@@ -346,11 +338,9 @@ def sweep(out_dir):
 def baseline(out_dir):
     import triton
 
-    with open(os.path.join(out_dir, "k1_best.json")) as f:
-        _apply_best(json.load(f))
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     torch.manual_seed(0)
-    _time_contenders(report, ("ours", "cublas_gemms_only", "max_autotune"), out_dir, "k1_baseline.json")
+    _time_contenders(report, ("ours", "ours_tiled", "cublas_gemms_only", "max_autotune"), out_dir, "k1_baseline.json")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""Helpers shared by the kernel families: interpreter detection and input checks."""
-import os
+"""Helpers shared by the kernel families: the interpreter convention and input checks.
 
+Kernels run on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, which the test suite
+sets before triton is imported). The interpreter computes bf16 arithmetic wrongly (tl.dot, +, *,
+tl.sum silently; tl.exp raises) and costs ~5 ms per program-tile step, so a launcher whose tensors
+are on the CPU passes UPCAST=True (fp32 arithmetic behind that constexpr) and picks small tiles."""
 import torch
+import triton
 
-# Under TRITON_INTERPRET=1 bf16 arithmetic (tl.dot, +, *, tl.sum) is computed
-# wrongly and tl.exp raises on bf16: kernels upcast to fp32 behind this flag.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Whether Triton runs kernels under its interpreter in this process (read once: Dynamo cannot trace the
+# knob's lookup, and the launchers' checks run inside compiled graphs).
+INTERPRETER_ENABLED = bool(triton.knobs.runtime.interpret)
+
+
+def on_interpreter(t: torch.Tensor) -> bool:
+    """True when t's kernels run under the interpreter (a CPU tensor)."""
+    return t.device.type == "cpu"
 
 
 def check_tensor(t, name, *, ndim=None, dtypes=None, device=None, contiguous=False):
@@ -21,7 +30,7 @@ def check_tensor(t, name, *, ndim=None, dtypes=None, device=None, contiguous=Fal
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
-    if t.device.type == "cpu" and not INTERPRET:
+    if t.device.type == "cpu" and not INTERPRETER_ENABLED:
         raise ValueError(
             f"{name} is on the CPU: the Triton kernels need a CUDA tensor "
             "(or TRITON_INTERPRET=1 for the slow CPU interpreter)"

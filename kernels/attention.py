@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from recycore.kernels._common import INTERPRET, check_tensor
+from recycore.kernels._common import check_tensor, on_interpreter
 
 LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -41,9 +41,13 @@ FWD_CONFIG = (64, 64, 4, 3, True)
 DKDV_CONFIG = (32, 128, 4, 3)
 DQ_CONFIG = (64, 64, 4, 3, False)
 EPILOGUE_BLOCK_M = 64
-if INTERPRET:  # every program-tile step costs ~5 ms in the interpreter: few, small tiles
-    FWD_CONFIG, DKDV_CONFIG, DQ_CONFIG = (32, 32, 4, 1, True), (32, 32, 4, 1), (32, 32, 4, 1, False)
-    EPILOGUE_BLOCK_M = 32
+# every program-tile step costs ~5 ms in the interpreter: few, small tiles
+INTERPRET_CONFIGS = dict(fwd=(32, 32, 4, 1, True), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1, False), epilogue_block_m=32)
+GPU_CONFIGS = dict(fwd=FWD_CONFIG, dkdv=DKDV_CONFIG, dq=DQ_CONFIG, epilogue_block_m=EPILOGUE_BLOCK_M)
+
+
+def _configs(t):
+    return INTERPRET_CONFIGS if on_interpreter(t) else GPU_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +430,7 @@ def _attention_forward(q, k, v, gate_logits, xsa, config=None):
     _check_attention_inputs(q, k, v, gate_logits)
     q, k, v, gate_logits = (_d_contiguous(t) for t in (q, k, v, gate_logits))
     B, T, H, D = q.shape
-    block_m, block_n, warps, stages, pack_gqa = config or FWD_CONFIG
+    block_m, block_n, warps, stages, pack_gqa = config or _configs(q)["fwd"]
     heads = _packed_heads(pack_gqa, H // k.shape[2], block_m)
     y = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     o = torch.empty_like(y)
@@ -439,7 +443,8 @@ def _attention_forward(q, k, v, gate_logits, xsa, config=None):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), gate_logits.stride(0), gate_logits.stride(1), gate_logits.stride(2),
         T, H, LOG2E / math.sqrt(D),
-        GROUP=H // k.shape[2], HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
+        GROUP=H // k.shape[2], HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa,
+        UPCAST=on_interpreter(q),
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     return y, o, lse
@@ -454,13 +459,14 @@ def _xsa_gate_backward(dy, o, v, gate_logits, xsa, *, delta=None, dv_dtype=None)
     dv = torch.empty((B, T, h_kv, D), device=o.device, dtype=dv_dtype or v.dtype) if xsa else None
     if do.numel() == 0:
         return do, (dv.zero_() if xsa else None), dg
-    grid = (triton.cdiv(T, EPILOGUE_BLOCK_M), B * h_kv)
+    block_m = _configs(o)["epilogue_block_m"]
+    grid = (triton.cdiv(T, block_m), B * h_kv)
     _xsa_gate_bwd_kernel[grid](
         dy, o, v, gate_logits, do, dg, dv if xsa else do, delta if delta is not None else dg,
         dy.stride(0), dy.stride(1), dy.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         v.stride(0), v.stride(1), v.stride(2), gate_logits.stride(0), gate_logits.stride(1), gate_logits.stride(2),
-        T, h_kv, GROUP=H // h_kv, HEAD_DIM=D, BLOCK_M=EPILOGUE_BLOCK_M, XSA=xsa, WRITE_DELTA=delta is not None)
+        T, h_kv, GROUP=H // h_kv, HEAD_DIM=D, BLOCK_M=block_m, XSA=xsa, WRITE_DELTA=delta is not None)
     return do, dv, dg
 
 
@@ -481,17 +487,18 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
     sm_scale = 1.0 / math.sqrt(D)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
-    block_m, block_n, warps, stages = dkdv_config or DKDV_CONFIG
+    configs = _configs(q)
+    block_m, block_n, warps, stages = dkdv_config or configs["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * h_kv)](
         q, k, v, do, lse, delta, dk, dv, dv_self if xsa else dv, *strides, T, h_kv, sm_scale, sm_scale * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=INTERPRET,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=on_interpreter(q),
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages, pack_gqa = dq_config or DQ_CONFIG
+    block_m, block_n, warps, stages, pack_gqa = dq_config or configs["dq"]
     heads = _packed_heads(pack_gqa, group, block_m)
     _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H // heads)](
         q, k, v, do, lse, delta, dq, *strides, T, H, sm_scale, sm_scale * LOG2E,
-        GROUP=group, HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET,
+        GROUP=group, HEADS=heads, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=on_interpreter(q),
         DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     return dq, dk, dv, dg
@@ -519,10 +526,11 @@ def _xsa_gate_forward(o, v, gate_logits, xsa):
     y = torch.empty((B, T, H, D), device=o.device, dtype=o.dtype)
     if y.numel() == 0:
         return y
-    _xsa_gate_fwd_kernel[(triton.cdiv(T, EPILOGUE_BLOCK_M), B * H)](
+    block_m = _configs(o)["epilogue_block_m"]
+    _xsa_gate_fwd_kernel[(triton.cdiv(T, block_m), B * H)](
         o, v, gate_logits, y, o.stride(0), o.stride(1), o.stride(2), v.stride(0), v.stride(1), v.stride(2),
         gate_logits.stride(0), gate_logits.stride(1), gate_logits.stride(2),
-        T, H, GROUP=H // v.shape[2], HEAD_DIM=D, BLOCK_M=EPILOGUE_BLOCK_M, XSA=xsa)
+        T, H, GROUP=H // v.shape[2], HEAD_DIM=D, BLOCK_M=block_m, XSA=xsa)
     return y
 
 
@@ -627,14 +635,16 @@ def xsa_gate(o, v, gate_logits, xsa: bool):
 
 
 def xsa_gate_reference(o, v, gate_logits, xsa: bool):
-    """Plain torch XSA (as SPEC §2) and gate."""
+    """Plain torch XSA (as SPEC §2) and the gate (none when gate_logits is None)."""
     B, T, H, D = o.shape
     h_kv = v.shape[2]
     if xsa:
         n = F.normalize(v, dim=-1, eps=NORM_EPS).unsqueeze(3)  # (B,T,Hkv,1,D)
         o_grouped = o.reshape(B, T, h_kv, H // h_kv, D)
         o = (o_grouped - (o_grouped * n).sum(-1, keepdim=True) * n).reshape(B, T, H, D)
-    return o * torch.sigmoid(gate_logits).unsqueeze(-1).to(o.dtype)
+    if gate_logits is not None:
+        o = o * torch.sigmoid(gate_logits).unsqueeze(-1)
+    return o
 
 
 # SDPA core of the "sdpa_fused" path: backend priority and whether kv heads are expanded to H.

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from recycore.kernels._common import INTERPRET, check_tensor
+from recycore.kernels._common import check_tensor, on_interpreter
 
 EPILOGUE_NONE = 0
 EPILOGUE_LEAKY_RELU2 = 1
@@ -79,9 +79,9 @@ INTERPRET_INT5_CONFIG = GemmConfig(32, 32, INT5_GROUP, group_m=4, num_warps=4, n
 INTERPRET_PROGRAMS = 3  # the persistent kernel's "SM count" under the interpreter: several tiles each
 
 
-def default_config(M, N, K, int5=False):
+def default_config(M, N, K, int5=False, interpreter=False):
     """A reasonable Hopper config for shapes without a tuned entry (callers pass tuned ones)."""
-    if INTERPRET:
+    if interpreter:
         return INTERPRET_INT5_CONFIG if int5 else INTERPRET_CONFIG
     block_k = INT5_GROUP if int5 else 64
     if M <= 64:  # skinny: split-K decides the parallelism
@@ -385,8 +385,9 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         if scale.shape[0] != N:
             raise ValueError(f"scale must have N = {N} entries, got {scale.shape[0]}")
 
+    upcast = on_interpreter(a)
     if config is None:
-        config = default_config(M, N, K, int5=int5_k is not None)
+        config = default_config(M, N, K, int5=int5_k is not None, interpreter=upcast)
     if int5_k is not None and config.block_k != INT5_GROUP:
         raise ValueError(f"INT5 configs need block_k = {INT5_GROUP}")
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), config.block_k) * config.block_k
@@ -411,7 +412,7 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         B_INT5=int5_k is not None,
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
-        WRITE_PARTIALS=split_k > 1, EVEN_K=even_k, UPCAST=INTERPRET,
+        WRITE_PARTIALS=split_k > 1, EVEN_K=even_k, UPCAST=upcast,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -420,7 +421,7 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
             target, out, pre_arg, post_arg, scale_arg, M * N, N, split_k,
             EPILOGUE=epilogue, ROW_SCALE=scale is not None,
-            STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=INTERPRET, BLOCK=_REDUCE_BLOCK,
+            STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=upcast, BLOCK=_REDUCE_BLOCK,
         )
 
 
@@ -454,13 +455,14 @@ def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre
     out_desc, pre_desc, post_desc = (
         TensorDescriptor(t, [M, N], [N, 1], [config.block_m, store_n]) for t in (out, pre, post))
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
-    programs = min(tiles, INTERPRET_PROGRAMS if INTERPRET else num_sms(a.device.index or 0))
+    upcast = on_interpreter(a)
+    programs = min(tiles, INTERPRET_PROGRAMS if upcast else num_sms(a.device.index or 0))
     _gemm_persistent_kernel[(programs,)](
         a_view[0], b_view[0], out_desc, pre_desc, post_desc, scale if scale is not None else out,
         M, N, K,
         A_T=a_view[1], B_T=b_view[1],
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
-        UPCAST=INTERPRET, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        UPCAST=upcast, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         SUBTILE=config.epilogue_subtile,
         num_warps=config.num_warps, num_stages=config.num_stages,

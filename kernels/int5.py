@@ -28,8 +28,10 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from recycore.kernels._common import INTERPRET, check_tensor
 import triton.language as tl
+
+from recycore.int5_codec import INT5_MAX, unpack_codes
+from recycore.kernels._common import check_tensor, on_interpreter
 
 from recycore.kernels.gemm import (
     EPILOGUE_LEAKY_RELU2,
@@ -43,7 +45,6 @@ from recycore.kernels.gemm import (
     num_sms,
 )
 
-INT5_MAX = 15
 SMALL_M_MAX = 64
 ACTIVATIONS = ("none", "leaky_relu2")
 IMPLS = ("auto", "fused", "dequant")
@@ -58,12 +59,12 @@ SMALL_M_UNSPLIT_GROUPS = 4
 SMALL_M_PROGRAMS_PER_SM = 2
 
 
-def _large_m_config():
-    return INTERPRET_INT5_CONFIG if INTERPRET else LARGE_M_CONFIG
+def _large_m_config(interpreter):
+    return INTERPRET_INT5_CONFIG if interpreter else LARGE_M_CONFIG
 
 
-def _small_m_config(M):
-    if INTERPRET:
+def _small_m_config(M, interpreter):
+    if interpreter:
         return INTERPRET_INT5_CONFIG
     return GemmConfig(max(16, triton.next_power_of_2(M)), SMALL_M_BLOCK_N, INT5_GROUP, group_m=1, num_warps=4,
                       num_stages=3)
@@ -113,17 +114,7 @@ def unpack_gpu_layout(words: Tensor, cols: int) -> Tensor:
 
 def transcode_artifact(packed: Tensor, rows: int, cols: int) -> Tensor:
     """The artifact's int5 bytes (SPEC §4) of a (rows, cols) matrix -> the GPU layout words."""
-    if packed.dtype != torch.uint8 or packed.ndim != 1:  # any device: artifacts load on the CPU
-        raise TypeError(f"packed bytes must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
-    expected = triton.cdiv(rows * cols, 8) * 5
-    if packed.numel() != expected:
-        raise ValueError(f"int5 bytes of a ({rows}, {cols}) matrix must number {expected}, got {packed.numel()}")
-    words40 = (packed.to(torch.int64).view(-1, 5) << (8 * torch.arange(5, device=packed.device))).sum(dim=1)
-    u = (words40[:, None] >> (5 * torch.arange(8, device=packed.device))) & 31  # value j at bits 5j..5j+4
-    u = u.flatten()[: rows * cols].view(rows, cols)
-    if u.numel() and int(u.max()) > 2 * INT5_MAX:
-        raise ValueError(f"int5 bytes hold code {int(u.max())} > 30: not an int5 artifact tensor")
-    return pack_gpu_layout(u)
+    return pack_gpu_layout(unpack_codes(packed, rows * cols).view(rows, cols))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +157,7 @@ def _dequantize(packed, scales, out_features, in_features, dtype):
     out = torch.empty((out_features, in_features), device=packed.device, dtype=dtype)
     grid = (triton.cdiv(out_features, _DEQUANT_BLOCK_N), triton.cdiv(in_features, INT5_GROUP))
     _dequantize_kernel[grid](packed, scales, out, out_features, in_features, packed.stride(0),
-                             UPCAST=INTERPRET, BLOCK_N=_DEQUANT_BLOCK_N, num_warps=4)
+                             UPCAST=on_interpreter(packed), BLOCK_N=_DEQUANT_BLOCK_N, num_warps=4)
     return out
 
 
@@ -207,9 +198,9 @@ def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, i
     y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
     outputs = dict(post=y, epilogue=EPILOGUE_LEAKY_RELU2) if leaky else dict(out=y, epilogue=EPILOGUE_NONE)
     if M <= SMALL_M_MAX:
-        config, split_k = _small_m_config(M), _small_m_split_k(out_features, in_features, x.device)
+        config, split_k = _small_m_config(M, on_interpreter(x)), _small_m_split_k(out_features, in_features, x.device)
     else:
-        config, split_k = _large_m_config(), 1
+        config, split_k = _large_m_config(on_interpreter(x)), 1
     gemm(x, packed, scale=scales, int5_k=in_features, config=config, split_k=split_k, **outputs)
     return y
 

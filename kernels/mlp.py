@@ -2,8 +2,8 @@
 
 The two GEMMs with an elementwise neighbour run on the shared GEMM template (gemm.py) with the
 activation fused in registers; the plain GEMMs run where they measured fastest on the H200
-(benchmarks/NOTES_K1_K3.md: cuBLAS, except dW_up whose split-K Triton GEMM ties with it and writes
-the fp32 gradient directly):
+(benchmarks/README.md: cuBLAS, except dW_up whose split-K Triton GEMM writes the fp32 gradient
+directly):
 
 Forward:  pre, post = u @ W_up^T, leaky_relu(pre, 0.5)^2   [template, epilogue LEAKY_RELU2: one pass]
           out = post @ W_down^T                             [cuBLAS]
@@ -12,23 +12,20 @@ Backward: d_pre = (d_out @ W_down) * (pre > 0 ? 2 pre : 0.5 pre)  [template, epi
           du = d_pre @ W_up                                 [cuBLAS]
           dW_up = d_pre^T @ u                               [template, split-K, fp32 partials]
 `pre` and `post` are both saved: recomputing post from pre in the prologue of the GEMMs that read
-it measured slower than writing it once in the up GEMM's epilogue (0.36 vs 0.22 ms for the down
-GEMM, 0.48 vs 0.23 ms for dW_down, against +0.09 ms for the extra store).
+it measured slower than writing it once in the up GEMM's epilogue (benchmarks/README.md).
 up and d_pre run on the template's persistent TMA variant (gemm.py: each tile's epilogue overlaps
-the next tile's loads), which measured faster at the seed shape; `RECYCORE_K1_PERSISTENT=0` (read
-once at import) runs the one-tile-per-program kernel instead. benchmarks/test_bench_mlp.py sweeps
-both and its k1_best.json (written into SEED_CONFIGS) may select either.
+the next tile's loads), or with variant="tiled" on the one-tile-per-program kernel; the configs of
+each variant are tuned for the seed's shapes (benchmarks/README.md) and chosen by `configs_for`.
 Weights may be fp32 masters: they are cast to u's dtype for the GEMMs (as F.linear(x, w.to(x.dtype))
 does) and their gradients are returned in the weights' dtype.
 """
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recycore.kernels._common import INTERPRET, check_tensor
+from recycore.kernels._common import check_tensor, on_interpreter
 from recycore.kernels.gemm import (
     EPILOGUE_LEAKY_RELU2,
     EPILOGUE_LEAKY_RELU2_GRAD,
@@ -40,92 +37,99 @@ from recycore.kernels.gemm import (
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Configs measured on the H200 at the seed's shapes (d = 512, h = 1536, M = 98,304 rows;
-# benchmarks/NOTES_K1_K3.md), per template GEMM of the MLP. Other shapes use gemm.default_config.
-# up and d_pre run the persistent TMA kernel (their K = 512 main loops are short, so the 302 MB
-# epilogue stores must overlap the next tile's loads): 0.357 / 0.367 ms against 0.413 / 0.401 ms
-# for the best one-tile-per-program configs. d_pre also stages the `pre` it reads, so it fits the
-# 227 KB of shared memory only with the epilogue in two halves. dW_up (K = M) keeps split-K.
+# Configs tuned on the H200 at the seed's shapes (d = 512, h = 1536, many tokens; benchmarks/README.md),
+# per template GEMM of the MLP and variant. up and d_pre read K = d = 512: short main loops, so the
+# persistent kernel overlaps each tile's large epilogue stores with the next tile's loads. d_pre also
+# stages the `pre` it reads, so it fits shared memory only with the epilogue in two halves. dW_up
+# reduces over the tokens (K = M): split-K.
 SEED_D, SEED_H = 512, 1536
+SEED_MIN_TOKENS = 8192  # below this the seed configs' tiles leave most SMs idle: the default configs
 SEED_CONFIGS = {
-    "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True),
-    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
-                        epilogue_subtile=True),
-    "dw_up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, split_k=11),
+    "persistent": {
+        "up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True),
+        "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
+                            epilogue_subtile=True),
+        "dw_up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, split_k=11),
+    },
+    "tiled": {
+        "up": GemmConfig(256, 128, 64, group_m=8, num_warps=8, num_stages=3),
+        "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+        "dw_up": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, split_k=11),
+    },
 }
-# The best one-tile-per-program configs, run instead with RECYCORE_K1_PERSISTENT=0 (read at import).
-TILED_SEED_CONFIGS = {
-    "up": GemmConfig(256, 128, 64, group_m=8, num_warps=8, num_stages=3),
-    "d_pre": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-}
-PERSISTENT = os.environ.get("RECYCORE_K1_PERSISTENT", "1") != "0"
-if not PERSISTENT:
-    SEED_CONFIGS.update(TILED_SEED_CONFIGS)
+VARIANTS = tuple(SEED_CONFIGS)
 PERSISTENT_ROLES = ("up", "d_pre")
 
 
-def _config(role, M, N, K, d, h):
-    if not INTERPRET and (d, h) == (SEED_D, SEED_H) and min(M, K) >= 8192:
-        return SEED_CONFIGS[role]
-    config = default_config(M, N, K)
-    if PERSISTENT and role in PERSISTENT_ROLES:
-        # d_pre stages its `pre` tile too: halves keep the default 128x256 s3 within shared memory
-        config = dataclasses.replace(config, persistent=True, epilogue_subtile=role == "d_pre")
-    return config
+def configs_for(tokens: int, d: int, h: int, variant: str = "persistent", interpreter: bool = False) -> dict:
+    """role -> GemmConfig for an MLP of `tokens` rows, width d and hidden h: the tuned seed configs at
+    the seed's d and h, else the template's defaults (persistent for up and d_pre unless "tiled")."""
+    if variant not in SEED_CONFIGS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not interpreter and (d, h) == (SEED_D, SEED_H) and tokens >= SEED_MIN_TOKENS:
+        return SEED_CONFIGS[variant]
+    shapes = {"up": (tokens, h, d), "d_pre": (tokens, h, d), "dw_up": (h, d, tokens)}
+    configs = {role: default_config(*mnk, interpreter=interpreter) for role, mnk in shapes.items()}
+    if variant == "persistent":
+        for role in PERSISTENT_ROLES:  # d_pre stages its `pre` tile too: halves keep the config in SMEM
+            configs[role] = dataclasses.replace(configs[role], persistent=True, epilogue_subtile=role == "d_pre")
+    return configs
 
 
 @torch.library.custom_op("recycore::leaky_relu2_mlp", mutates_args=())
-def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
     """u (M, d); w_up (h, d), w_down (d, h) in any float dtype -> (out (M, d), pre (M, h), post (M, h))."""
     M, d = u.shape
     h = w_up.shape[0]
     pre = torch.empty((M, h), device=u.device, dtype=u.dtype)
     post = torch.empty_like(pre)
-    gemm(u, w_up.to(u.dtype), pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2,
-         config=_config("up", M, h, d, d, h))
+    config = configs_for(M, d, h, variant, on_interpreter(u))["up"]
+    gemm(u, w_up.to(u.dtype), pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2, config=config)
     return torch.mm(post, w_down.to(u.dtype).t()), pre, post
 
 
 @_mlp_forward.register_fake
-def _(u, w_up, w_down):
+def _(u, w_up, w_down, variant):
     M, h = u.shape[0], w_up.shape[0]
     return u.new_empty((M, w_down.shape[0])), u.new_empty((M, h)), u.new_empty((M, h))
 
 
 @torch.library.custom_op("recycore::leaky_relu2_mlp_backward", mutates_args=())
 def _mlp_backward(d_out: Tensor, u: Tensor, w_up: Tensor, w_down: Tensor, pre: Tensor,
-                  post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                  post: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (du, dW_up, dW_down) of the MLP, each in its input's dtype."""
     M, d = u.shape
     h = w_up.shape[0]
+    configs = configs_for(M, d, h, variant, on_interpreter(u))
     d_pre = torch.empty_like(pre)
     gemm(d_out, w_down.to(u.dtype).t(), out=d_pre, pre=pre, epilogue=EPILOGUE_LEAKY_RELU2_GRAD,
-         config=_config("d_pre", M, h, d, d, h))
+         config=configs["d_pre"])
     dw_down = torch.mm(d_out.t(), post).to(w_down.dtype)
     du = torch.mm(d_pre, w_up.to(u.dtype))
     dw_up = torch.empty_like(w_up)
-    config = _config("dw_up", h, d, M, d, h)
+    config = configs["dw_up"]
     split_k = config.split_k or default_split_k(h, d, M, config, u.device)
     gemm(d_pre.t(), u.t(), out=dw_up, config=config, split_k=split_k)
     return du, dw_up, dw_down
 
 
 @_mlp_backward.register_fake
-def _(d_out, u, w_up, w_down, pre, post):
+def _(d_out, u, w_up, w_down, pre, post, variant):
     return torch.empty_like(u), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
-    u, w_up, w_down = inputs
+    u, w_up, w_down, variant = inputs
     _, pre, post = output
     ctx.save_for_backward(u, w_up, w_down, pre, post)
+    ctx.variant = variant
     ctx.mark_non_differentiable(pre, post)
     ctx.set_materialize_grads(False)  # no (M, h) zero-filled gradients for pre and post
 
 
 def _backward(ctx, d_out, _d_pre, _d_post):
     u, w_up, w_down, pre, post = ctx.saved_tensors
-    return torch.ops.recycore.leaky_relu2_mlp_backward(d_out, u, w_up, w_down, pre, post)
+    return (*torch.ops.recycore.leaky_relu2_mlp_backward(d_out, u, w_up, w_down, pre, post, ctx.variant), None)
 
 
 _mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -141,10 +145,13 @@ def _check_inputs(u, w_up, w_down):
         raise ValueError(f"w_down must be (d, h) = {(w_up.shape[1], w_up.shape[0])}, got {tuple(w_down.shape)}")
 
 
-def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """leaky_relu(u W_up^T, 0.5)^2 W_down^T for u (..., d), w_up (h, d), w_down (d, h); differentiable."""
+def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str = "persistent") -> Tensor:
+    """leaky_relu(u W_up^T, 0.5)^2 W_down^T for u (..., d), w_up (h, d), w_down (d, h); differentiable.
+    variant: "persistent" or "tiled" template GEMMs for up and d_pre (see `configs_for`)."""
     _check_inputs(u, w_up, w_down)
-    out, _, _ = torch.ops.recycore.leaky_relu2_mlp(u.reshape(-1, u.shape[-1]), w_up, w_down)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    out, _, _ = torch.ops.recycore.leaky_relu2_mlp(u.reshape(-1, u.shape[-1]), w_up, w_down, variant)
     return out.reshape(u.shape)
 
 

@@ -8,10 +8,9 @@ from helpers import DEVICE, rel_err, requires_cuda
 from recycore.kernels import gemm as gemm_module
 from recycore.kernels import leaky_relu2_mlp, leaky_relu2_mlp_reference
 from recycore.kernels import mlp as mlp_module
-from recycore.kernels._common import INTERPRET
 
 # bf16: the interpreter truncates fp32 -> bf16 casts (pre, post, outputs) instead of rounding
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if INTERPRET else 1e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if DEVICE.type == "cpu" else 1e-2}
 
 
 def _inputs(lead, d, h, dtype, weight_dtype=torch.float32):
@@ -22,8 +21,8 @@ def _inputs(lead, d, h, dtype, weight_dtype=torch.float32):
     return u, w_up, w_down
 
 
-def _check_against_float64(u, w_up, w_down, tol):
-    out = leaky_relu2_mlp(u, w_up, w_down)
+def _check_against_float64(u, w_up, w_down, tol, variant="persistent"):
+    out = leaky_relu2_mlp(u, w_up, w_down, variant)
     d_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (u, w_up, w_down), d_out)
     # The function computed: the weights as cast to u's dtype, everything else in float64.
@@ -45,12 +44,12 @@ def test_forward_and_gradients(dtype):
     _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
 
 
-@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "tiled"])
+@pytest.mark.parametrize("variant", mlp_module.VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_persistent_and_tiled_paths(dtype, persistent, monkeypatch):
+def test_persistent_and_tiled_paths(dtype, variant, monkeypatch):
     """up (pre+post epilogue) and d_pre (grad epilogue, B = w_down.t()) on the persistent TMA kernel
-    (the default) or, with RECYCORE_K1_PERSISTENT=0, on the one-tile-per-program kernel; M = 39 rows,
-    ragged against the blocks."""
+    (the default variant) or on the one-tile-per-program kernel ("tiled"); M = 39 rows, ragged
+    against the blocks."""
     launches = []
     kernel = gemm_module._gemm_persistent_kernel
 
@@ -59,10 +58,28 @@ def test_persistent_and_tiled_paths(dtype, persistent, monkeypatch):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(mlp_module, "PERSISTENT", persistent)
     monkeypatch.setattr(gemm_module, "_gemm_persistent_kernel", Counting())
-    _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype])
-    assert len(launches) == (2 if persistent else 0)  # up and d_pre (dW_up keeps split-K, not persistent)
+    _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype], variant)
+    assert len(launches) == (2 if variant == "persistent" else 0)  # up and d_pre (dW_up: split-K)
+
+
+@pytest.mark.parametrize("seqs", [12, 24, 48])
+def test_seed_shapes_get_the_tuned_configs(seqs):
+    """At the seed's d and h the tuned configs are selected for every micro-batch the benchmarks and
+    training use (12 to 48 sequences of 2048), for each role, both variants; elsewhere the defaults."""
+    tokens = seqs * 2048
+    for variant in mlp_module.VARIANTS:
+        assert mlp_module.configs_for(tokens, 512, 1536, variant) == mlp_module.SEED_CONFIGS[variant]
+    configs = mlp_module.configs_for(tokens, 512, 1536)
+    assert configs["up"].persistent and configs["d_pre"].persistent and configs["d_pre"].epilogue_subtile
+    assert configs["dw_up"].split_k == 11 and not configs["dw_up"].persistent
+    assert mlp_module.configs_for(tokens, 512, 1536, interpreter=True) != mlp_module.SEED_CONFIGS["persistent"]
+    assert mlp_module.configs_for(tokens, 256, 768) != mlp_module.SEED_CONFIGS["persistent"]
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        mlp_module.configs_for(1024, 512, 1536, "fastest")
 
 
 def test_bf16_weights_give_bf16_grads():
@@ -72,12 +89,12 @@ def test_bf16_weights_give_bf16_grads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     u, w_up, w_down = _inputs((21,), 40, 72, dtype)
-    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down))
+    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down, "persistent"))
     pre = torch.randn(21, 72, device=DEVICE, dtype=dtype)
     post = torch.nn.functional.leaky_relu(pre, 0.5).square()
     d_out = torch.randn(21, 40, device=DEVICE, dtype=dtype)
     torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp_backward,
-                          (d_out, u.detach(), w_up.detach(), w_down.detach(), pre, post))
+                          (d_out, u.detach(), w_up.detach(), w_down.detach(), pre, post, "persistent"))
 
 
 def test_torch_compile_fullgraph():

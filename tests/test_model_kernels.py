@@ -1,4 +1,4 @@
-"""The model with kernels="triton" computes what the reference model computes
+"""The model with kernels="fused" computes what the reference model computes
 (forward and gradients), on the GPU or under the CPU interpreter."""
 import torch
 from helpers import DEVICE, rel_err, requires_cuda
@@ -16,7 +16,7 @@ def _pair(cfg):
     with torch.no_grad():  # non-zero output projections so every kernel's gradient matters
         reference.qo_bank[cfg.num_layers:].normal_(0, 0.05)
         reference.mlp_down_bank.normal_(0, 0.05)
-    fused = GPT(cfg.replace(kernels="triton")).to(DEVICE)
+    fused = GPT(cfg.replace(kernels="fused")).to(DEVICE)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
 
@@ -40,10 +40,10 @@ def _check(cfg, batch, seq):
         assert rel_err(grads[name], ref_grads[name]) < 5e-2, name
 
 
-def test_triton_model_matches_reference_tiny():
+def test_fused_model_matches_reference_tiny():
     _check(Config(**TINY, train_seq_len=64), batch=2, seq=45)  # ragged T
 
 
 @requires_cuda
-def test_triton_model_matches_reference_seed_width():
+def test_fused_model_matches_reference_seed_width():
     _check(Config(num_layers=4, ve_layers=(2, 3), recycle_layers=(1,)), batch=4, seq=2048)
