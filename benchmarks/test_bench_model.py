@@ -2,7 +2,7 @@
 the Triton kernels against the reference model under torch.compile.
 
 RECYCORE_BENCH_PATHS picks the paths (default recycore.bench.SUITE_PATHS: the
-per-block max-autotune baseline, the default compile, triton). The max-autotune
+per-block max-autotune baseline, the default compile, the fused kernels). The max-autotune
 compile takes minutes: conftest.py seeds inductor's cache with the committed
 autotuning decisions, and TORCHINDUCTOR_CACHE_DIR in an ignored folder such as
 .cache/inductor lets a later run reuse the whole compile."""
@@ -21,7 +21,7 @@ PATHS = re.split("[,+]", os.environ.get("RECYCORE_BENCH_PATHS", SUITE_PATHS))
 # per-block one), else against the default compile
 BASELINE = next((p for p in ("reference-max-autotune-whole", "reference-max-autotune") if p in PATHS),
                 "reference-compiled")
-# fwd+bwd matmul work per micro-step (KERNELS.md): ~19.8 TFLOP of GEMMs + ~10.1 TFLOP of attention
+# fwd+bwd matmul work per micro-step (docs/KERNELS.md): ~19.8 TFLOP of GEMMs + ~10.1 TFLOP of attention
 STEP_TFLOP = 19.8 + 10.1
 
 
@@ -33,10 +33,7 @@ def test_bench_micro_step(benchmark, path):
     result = micro_step(path, Config(), batch_seqs=int(os.environ.get("RECYCORE_BENCH_BATCH", "48")),
                         with_profile=True)
     info = benchmark.extra_info
-    from recycore.kernels import mlp
-
-    label = f"{path} (K1 tiled)" if path == "triton" and not mlp.PERSISTENT else path
-    info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=label, gpu=torch.cuda.get_device_name(),
+    info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=path, gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, tflops=STEP_TFLOP / result["ms"] * 1e3 * result["batch_seqs"] / 48,
                 tokens_per_s=result["batch_seqs"] * result["seq_len"] / result["ms"] * 1e3,
                 baseline=path == BASELINE, **result)

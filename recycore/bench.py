@@ -1,19 +1,16 @@
 """Whole-model step timing and the profiler view (`recycore bench`).
 
 `micro_step` builds the model for one path — the reference under torch.compile
-(default or max-autotune, whole model or per block) or the Triton kernels —
+(default or max-autotune, whole model or per block) or the fused kernels —
 and times one forward+backward micro-step with CUDA events. `kernel_family`
-sorts profiler kernel names into the families of KERNELS.md so
+sorts profiler kernel names into the families of docs/KERNELS.md so
 `recycore bench --profile` shows where the step's GPU time goes.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +24,10 @@ PATHS = {
     "reference-eager": ("reference", None, False),
     "reference-compiled": ("reference", "default", False),
     "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True),
-    # the same mode over the whole model: cross-block fusions, but its compile did not finish within
-    # 8 minutes on an H200 even with the saved GEMM decisions (benchmarks/NOTES_h200_s4_*)
+    # the same mode over the whole model: cross-block fusions, but its compile does not finish within a
+    # 10-minute device call on an H200 even with the saved GEMM decisions (benchmarks/README.md)
     "reference-max-autotune-whole": ("reference", "max-autotune-no-cudagraphs", False),
-    "triton": ("triton", "default", False),
+    "fused": ("fused", "default", False),
 }
 
 FAMILIES = (  # first match wins; patterns are searched in lower-cased kernel names
@@ -41,8 +38,8 @@ FAMILIES = (  # first match wins; patterns are searched in lower-cased kernel na
 )
 
 
-# GEMM autotune timings and pointwise best configs of the H200 runs (benchmarks/NOTES_h200_s4_*): with
-# them a bare H200 compiles the per-block max-autotune reference in ~4 min instead of ~11
+# GEMM autotune timings and pointwise best configs of the H200 runs (benchmarks/README.md): with them a
+# bare H200 compiles the per-block max-autotune reference without benchmarking every GEMM again
 AUTOTUNE_ARCHIVE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200_inductor_autotune.tgz"
 
 
@@ -82,8 +79,8 @@ def seed_inductor_cache(archive: str | Path | None = None, cache_dir: str | Path
 
 # the micro-step paths `recycore bench` measures: the suite against the max-autotune baseline (minutes of
 # compile, see AUTOTUNE_ARCHIVE), the profile view the quick pair
-SUITE_PATHS = "reference-max-autotune,reference-compiled,triton"
-PROFILE_PATHS = "reference-compiled,triton"
+SUITE_PATHS = "reference-max-autotune,reference-compiled,fused"
+PROFILE_PATHS = "reference-compiled,fused"
 
 
 def kernel_family(name: str) -> str:
@@ -103,7 +100,7 @@ def build(path: str, cfg: Config, device="cuda", backend: str = "inductor"):
         options = dict(backend=backend, dynamic=False, fullgraph=True)
         if backend == "inductor" and mode != "default":
             options["mode"] = mode
-        if per_block:  # whole-model max-autotune compiles take > 9.5 min (KERNELS.md): compile blocks
+        if per_block:  # whole-model max-autotune compiles take too long (benchmarks/README.md): compile blocks
             # The blocks share Block.forward: each structural variant (XSA, value embeddings, ...) is a
             # dynamo recompile of that one code object; configs may have more than its default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -221,50 +218,3 @@ def format_profile(result: dict) -> str:
     for name, ms in result["top_kernels"]:
         lines.append(f"    {ms:8.2f} ms  [{kernel_family(name)}] {name[:90]}")
     return "\n".join(lines)
-
-
-# --- CLI ---------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--profile", action="store_true",
-                        help="print the GPU time of one micro-step and one optimiser step by kernel family, for each path")
-    parser.add_argument("--paths", default=None,
-                        help=f"comma-separated micro-step paths (of {', '.join(PATHS)}); default: "
-                             f"{SUITE_PATHS} for the suite, {PROFILE_PATHS} for --profile")
-    parser.add_argument("--autotune-archive", default=None,
-                        help="inductor autotuning decisions (.tgz) to seed the cache with before compiling; "
-                             "'none' for none (default: RECYCORE_AUTOTUNE_ARCHIVE, else the committed H200 one)")
-    parser.add_argument("--batch-seqs", type=int, default=48, help="sequences per micro-step (seed: 48)")
-    parser.add_argument("--json", default="benchmarks/results/latest.json",
-                        help="where the suite writes pytest-benchmark JSON")
-    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression to pick benchmarks")
-    Config.add_arguments(parser)
-
-
-def run(args) -> None:
-    paths = args.paths or (PROFILE_PATHS if args.profile else SUITE_PATHS)
-    unknown = [path for path in paths.split(",") if path not in PATHS]
-    if unknown:
-        raise ValueError(f"unknown micro-step path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
-    if not torch.cuda.is_available():
-        raise RuntimeError("recycore bench needs a CUDA GPU (the suite skips every benchmark without one)")
-    if args.autotune_archive is not None:  # the suite's pytest process reads it too (benchmarks/conftest.py)
-        os.environ["RECYCORE_AUTOTUNE_ARCHIVE"] = args.autotune_archive
-    if args.profile:
-        cfg = Config.from_args(args)
-        if "max-autotune" in paths:
-            seed_inductor_cache()
-        results = [profile(path, cfg, args.batch_seqs) for path in paths.split(",")]
-        for result in results:
-            print(format_profile(result))
-        print(json.dumps(results, indent=1, default=str), file=sys.stderr)
-        return
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    suite = Path(__file__).resolve().parent.parent / "benchmarks"
-    command = [sys.executable, "-m", "pytest", str(suite), "-q", f"--benchmark-json={args.json}"]
-    if args.select:
-        command += ["-k", args.select]
-    print("+", " ".join(command), flush=True)
-    status = subprocess.call(command, env={**os.environ, "RECYCORE_BENCH_PATHS": paths})
-    if status:
-        sys.exit(status)
-    subprocess.check_call([sys.executable, str(suite / "report.py"), args.json])

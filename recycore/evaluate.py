@@ -1,4 +1,4 @@
-"""Bits per byte (SPEC.md §5): byte tables from the SentencePiece model, the
+"""Bits per byte (docs/SPEC.md §5): byte tables from the SentencePiece model, the
 standard non-overlapping evaluation and the sliding-window evaluation in which
 every target token is scored exactly once."""
 from __future__ import annotations

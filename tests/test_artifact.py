@@ -13,7 +13,8 @@ from recycore.config import Config
 from recycore.data import write_shard
 from recycore.evaluate import ByteTables, evaluate_standard
 from recycore.model import GPT
-from recycore.quant import ArtifactError
+from recycore.checkpoint import select_weights
+from recycore.errors import ArtifactError
 
 # model_dim 256: the MLP matrices (768x256) go int5 and the embedding (1024x256) int8.
 CFG = Config(num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=3.0, ve_layers=(2, 3),
@@ -148,7 +149,7 @@ def test_corrupted_artifact(exported, tmp_path):
 def test_not_a_torch_container(tmp_path):
     bad = tmp_path / "text.ptz"
     bad.write_bytes(lzma.compress(b"hello, not a zip file", preset=9))
-    with pytest.raises(ArtifactError, match="not a torch.save container"):
+    with pytest.raises(ArtifactError, match="not a readable torch.save container"):
         artifact.load_artifact(bad, CFG)
     with pytest.raises(ArtifactError, match="lacks the 'w'"):
         artifact.load_artifact(write_raw_artifact(tmp_path / "list.ptz", [1, 2, 3]), CFG)
@@ -164,7 +165,7 @@ def test_config_that_does_not_match_the_tensors(trained, tmp_path):
     with pytest.raises(ArtifactError, match="holds tensor blocks.3.* that the config's model does not have"):
         artifact.load_artifact(path, CFG.replace(num_layers=3, ve_layers=(1, 2), recycle_layers=(1,)))
     tampered = write_raw_artifact(tmp_path / "tampered.ptz", {"w": w, "m": m,
-                                                              "config": {**artifact.model_config_dict(CFG),
+                                                              "config": {**CFG.model_dict(),
                                                                          "model_dim": 128}})
     with pytest.raises(ArtifactError, match="tampered.ptz: .*shape"):
         artifact.load_artifact(tampered)
@@ -236,19 +237,27 @@ def test_export_then_eval_matches_the_dequantised_model(trained, tmp_path, eval_
         evaluate_standard(model.forward_logits, val, tables, 64, 3, "cpu")[1], rel=0.01)
 
 
-def test_export_over_budget_exits_non_zero(trained, tmp_path, monkeypatch, capsys):
+def test_export_over_budget_writes_nothing(trained, tmp_path, monkeypatch, capsys):
+    """Over the budget the export refuses, names the file it did not write, and an artifact already
+    there stays byte-identical (no temporary file is left either); --allow-over-budget writes it."""
     checkpoint = tmp_path / "plain.pt"
     torch.save(trained, checkpoint)  # a plain state dict: the config comes from the flags
     flags = ["--num-layers", "4", "--model-dim", "256", "--num-heads", "4", "--num-kv-heads", "2",
              "--ve-layers", "2,3", "--recycle-layers", "1", "--xsa-last-n", "2", "--rope-dims", "8",
              "--bigram-vocab-size", "64"]
+    out = tmp_path / "o.ptz"
+    out.write_bytes(b"the previous artifact")
     monkeypatch.setattr(artifact, "BUDGET_BYTES", 100_000)
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["export", str(checkpoint), "-o", str(tmp_path / "o.ptz"), *flags])
-    assert exit_info.value.code == 1
-    assert "over the budget" in capsys.readouterr().err
-    cli_main(["export", str(checkpoint), "-o", str(tmp_path / "o.ptz"), "--allow-over-budget", *flags])
+        cli_main(["export", str(checkpoint), "-o", str(out), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bytes over the 100,000-byte budget; nothing was written to " + str(out) in err
+    assert out.read_bytes() == b"the previous artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ptz", "plain.pt"]
+    cli_main(["export", str(checkpoint), "-o", str(out), "--allow-over-budget", *flags])
     assert "OVER by" in capsys.readouterr().out
+    assert artifact.read_artifact(out)["scheme"] == "seed"
 
 
 def test_eval_of_a_broken_artifact_is_one_line(tmp_path, capsys):
@@ -265,13 +274,13 @@ def test_checkpoint_weights_follow_the_seeds_rule():
     live = {"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.ones(3)}
     ema = {"a": torch.full((2,), 2.0), "b": torch.full((3,), 2.0)}
     swa = {"sum": {"a": torch.full((2,), 9.0), "b": torch.full((3,), 9.0)}, "count": 3}
-    chosen, which = artifact.select_weights({"model": live, "ema": ema, "swa": swa}, "auto")
+    chosen, which = select_weights({"model": live, "ema": ema, "swa": swa}, "auto")
     assert which == "swa" and chosen["a"].dtype == torch.bfloat16 and chosen["b"].tolist() == [3.0] * 3
-    chosen, which = artifact.select_weights({"model": live, "ema": ema, "swa": {**swa, "count": 1}}, "auto")
+    chosen, which = select_weights({"model": live, "ema": ema, "swa": {**swa, "count": 1}}, "auto")
     assert which == "ema" and chosen["a"].tolist() == [2.0, 2.0] and chosen["a"].dtype == torch.bfloat16
-    assert artifact.select_weights({"model": live, "ema": None, "swa": None}, "auto")[1] == "model"
+    assert select_weights({"model": live, "ema": None, "swa": None}, "auto")[1] == "model"
     with pytest.raises(ValueError, match="no SWA average"):
-        artifact.select_weights({"model": live, "ema": ema, "swa": None}, "swa")
+        select_weights({"model": live, "ema": ema, "swa": None}, "swa")
 
 
 def test_fit_floor_picks_the_smallest_floor_that_fits(trained, monkeypatch):

@@ -81,7 +81,7 @@ def test_compiled_paths_compute_the_eager_step(path):
 
     from recycore.bench import build, random_batch
     from recycore.config import Config
-    from recycore.train import PRESETS
+    from recycore.config import PRESETS
 
     cfg = Config().replace(**PRESETS["ci"])
     x, y = random_batch(cfg, 2, device="cpu")
@@ -183,7 +183,7 @@ def test_committed_h200_autotune_archive_is_readable(tmp_path, monkeypatch):
 
 
 def test_bench_unknown_path_is_a_clear_error():
-    result = subprocess.run([sys.executable, "-m", "recycore", "bench", "--paths", "triton,reference-fast"],
+    result = subprocess.run([sys.executable, "-m", "recycore", "bench", "--paths", "fused,reference-fast"],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown micro-step path(s) reference-fast" in result.stderr and "reference-max-autotune" in result.stderr
@@ -195,7 +195,7 @@ def test_profile_view_has_the_optimizer_step():
 
     from recycore.bench import format_profile, profile
     from recycore.config import Config
-    from recycore.train import PRESETS
+    from recycore.config import PRESETS
 
     torch._dynamo.reset()
     result = profile("reference-eager", Config().replace(**PRESETS["ci"]), batch_seqs=2, device="cpu")

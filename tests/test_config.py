@@ -2,6 +2,7 @@ import argparse
 
 import pytest
 
+from recycore.cli import add_config_flags, config_from
 from recycore.config import Config
 
 
@@ -15,10 +16,10 @@ def test_defaults_are_the_seeds():
 
 def test_env_then_flags_override():
     parser = argparse.ArgumentParser()
-    Config.add_arguments(parser)
+    add_config_flags(parser)
     args = parser.parse_args(["--num-layers", "8", "--ve-layers", "6,7", "--ln-scale", "0"])
     env = {"NUM_LAYERS": "10", "MODEL_DIM": "256", "RECYCLE_LAYERS": "1,2", "VE_LAYERS": "8,9"}
-    cfg = Config.from_args(args, environ=env, matrix_lr=0.5)
+    cfg = config_from(args, environ=env, matrix_lr=0.5)
     assert cfg.num_layers == 8  # flag beats env
     assert cfg.model_dim == 256 and cfg.recycle_layers == (1, 2)  # env beats default
     assert cfg.ve_layers == (6, 7) and cfg.ln_scale is False

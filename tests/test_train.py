@@ -15,8 +15,10 @@ import torch.multiprocessing as mp
 from recycore.config import Config
 from recycore.data import DistributedTokenLoader, write_shard
 from recycore.model import GPT
-from recycore.train import (PRESETS, WeightAverages, add_arguments, effective_ema_decay, load_checkpoint, run,
-                            train)
+from recycore.checkpoint import WeightAverages, effective_ema_decay, load_checkpoint
+from recycore.cli import add_train_arguments, run_train
+from recycore.config import PRESETS
+from recycore.training import train
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees near "
          "quiet water and children read long stories about brave knights distant mountains bright stars").split()
@@ -74,13 +76,13 @@ def train_losses(metrics_path):
 def test_cli_run_loss_falls_and_writes_outputs(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_train_arguments(parser)
     flags = ["--preset", "ci", "--run-id", "cli", "--iterations", "40", "--warmdown-iters", "10",
              "--val-loss-every", "20", "--checkpoint-every", "20"]
     for key, value in {**TINY, **tiny_data}.items():
         if key not in PRESETS["ci"] or PRESETS["ci"][key] != value:
             flags += ["--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    results = run(parser.parse_args(flags))
+    results = run_train(parser.parse_args(flags))
     assert results["steps"] == 40 and results["run_id"] == "cli"
     losses = train_losses("logs/cli.jsonl")
     assert losses[1] > 5.0  # ~ln(320) at the start
