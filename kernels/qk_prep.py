@@ -9,16 +9,14 @@ through. Layouts: q (B,T,H,D), k (B,T,Hkv,D) with any strides whose last one is 
 fused QKV projection output are fine), cos/sin (T, HALF) fp32, q_gain (H,). Outputs contiguous, in
 q's dtype; all arithmetic in fp32.
 
-Rotation as a per-dim formula (so no register slicing is needed): with p(d) the partner dim
-(d +- HALF inside [0, R), itself outside), C[d] = cos[t, d mod HALF] (1 outside [0, R)) and
-S[d] = +sin[t, d] for d < HALF, -sin[t, d - HALF] for HALF <= d < R, 0 outside:
-    out[d] = y[d] C[d] + y[p(d)] S[d],           y = x * rstd
-and its transpose (S[p(d)] = -S[d]):
-    u[d]   = g[d] C[d] - g[p(d)] S[d],           g = d out (before the gain)
-The partner values are a second load of the same 128-byte rows (L1 hits), masked to d < R.
+The rotated halves x1, x2 are loaded a second time as (BLOCK_T, HEADS, HALF) tiles (contiguous
+aranges, so vector loads; L1 hits after the full-row load) and written by their own stores; the
+full-row tile supplies the norm and the pass-through dims [R, D). Rotation and its transpose:
+    o1 = y1 cos + y2 sin,   o2 = -y1 sin + y2 cos          (y = x * rstd)
+    u1 = g1 cos - g2 sin,   u2 =  g1 sin + g2 cos          (u = P^T g, g = d out before the gain)
 
 Backward, per (token, head) row, with gain = q_gain[h] (1 for k):
-    u = P^T g;  s = sum_d u*y  (= sum_d g * rotated y: the row's share of d q_gain[h])
+    s = sum_d u*y  (= sum_d g * rotated y, since u = P^T g: the row's share of d q_gain[h])
     dx = gain * rstd * (u - y * s / D)
 d q_gain[h] = sum over rows of s: each program writes its per-head partial sum into a small fp32
 workspace (programs, H) that one torch sum reduces: deterministic, no atomics.
@@ -67,37 +65,51 @@ INTERPRETER_CONFIG = QKPrepConfig(16, 8, 1)
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _rope_coeffs(cos_ptr, sin_ptr, t, row_ok, d, cos_st, cos_sd, sin_st, sin_sd, HALF: tl.constexpr):
-    """C, S of the header's formula at (t (BT,1,1), d (1,1,BD)) as (BT,1,BD) fp32, and the partner dims."""
-    rot = d < 2 * HALF
-    first = d < HALF
-    j = tl.where(first, d, d - HALF)  # index into the (T, HALF) tables
-    partner = tl.where(first, d + HALF, d - HALF)
-    c = tl.load(cos_ptr + t * cos_st + j * cos_sd, mask=row_ok & rot, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + t * sin_st + j * sin_sd, mask=row_ok & rot, other=0.0).to(tl.float32)
-    return c, tl.where(first, s, -s), partner, rot
+def _load_halves(rows, t, row_ok, cos_ptr, sin_ptr, cos_st, cos_sd, sin_st, sin_sd,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The two rotated halves of (BT, HEADS) rows, x1 = [0, HALF) and x2 = [HALF, 2 HALF), and
+    cos/sin (BT, 1, BLOCK_HALF), all fp32: contiguous aranges, so the loads vectorise (the halves
+    are L1 hits: the full-row load just fetched the same lines)."""
+    dh = tl.arange(0, BLOCK_HALF)[None, None, :]
+    ok = row_ok & (dh < HALF)
+    x1 = tl.load(rows + dh, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(rows + HALF + dh, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * cos_st + dh * cos_sd, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + t * sin_st + dh * sin_sd, mask=ok, other=0.0).to(tl.float32)
+    return x1, x2, c, s, dh, ok
 
 
 @triton.jit
 def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh, s_ot, cos_st, cos_sd,
               sin_st, sin_sd, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              HALF: tl.constexpr, APPLY_GAIN: tl.constexpr):
+              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, APPLY_GAIN: tl.constexpr):
     t = offs_t[:, None, None]
     h = tl.arange(0, HEADS)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     row_ok = t < T
     mask = row_ok & (d < HEAD_DIM)
     x_rows = x_base + t * s_xt + h * s_xh
+    o_rows = o_base + t * s_ot + h * HEAD_DIM
     x = tl.load(x_rows + d, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
     y = x * rstd
-    if HALF > 0:
-        c, s, partner, rot = _rope_coeffs(cos_ptr, sin_ptr, t, row_ok, d, cos_st, cos_sd, sin_st, sin_sd, HALF)
-        xp = tl.load(x_rows + partner, mask=row_ok & rot, other=0.0).to(tl.float32)
-        y = y * c + (xp * rstd) * s  # the reference's order: (y1 c) + (y2 s)
     if APPLY_GAIN:
-        y = y * tl.load(gain_ptr + tl.arange(0, HEADS)).to(tl.float32)[None, :, None]
-    tl.store(o_base + t * s_ot + h * HEAD_DIM + d, y.to(o_base.dtype.element_ty), mask=mask)
+        gain = tl.load(gain_ptr + tl.arange(0, HEADS)).to(tl.float32)[None, :, None]
+        y = y * gain
+    if HALF > 0:
+        x1, x2, c, s, dh, ok = _load_halves(x_rows, t, row_ok, cos_ptr, sin_ptr, cos_st, cos_sd, sin_st, sin_sd,
+                                            HALF, BLOCK_HALF)
+        y1 = x1 * rstd
+        y2 = x2 * rstd
+        o1 = y1 * c + y2 * s  # the reference's order: x1 cos + x2 sin, x1 (-sin) + x2 cos
+        o2 = y1 * (-s) + y2 * c
+        if APPLY_GAIN:
+            o1 = o1 * gain
+            o2 = o2 * gain
+        tl.store(o_rows + dh, o1.to(o_base.dtype.element_ty), mask=ok)
+        tl.store(o_rows + HALF + dh, o2.to(o_base.dtype.element_ty), mask=ok)
+        mask = mask & (d >= 2 * HALF)  # the full tile writes only the pass-through dims
+    tl.store(o_rows + d, y.to(o_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -105,7 +117,7 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, gai
                              s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, cos_st, cos_sd, sin_st, sin_sd,
                              T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # b * batch stride can pass 2^31 elements
@@ -116,39 +128,54 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, gai
         h0 = pid_h * HEADS
         _fwd_tile(q_ptr + b * s_qb + h0 * s_qh, qo_ptr + (b * T * H + h0) * HEAD_DIM, gain_ptr + h0,
                   cos_ptr, sin_ptr, offs_t, T, s_qt, s_qh, H * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
-                  HEADS, HEAD_DIM, BLOCK_D, HALF, True)
+                  HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
     else:
         h0 = (pid_h - n_q) * HEADS
         _fwd_tile(k_ptr + b * s_kb + h0 * s_kh, ko_ptr + (b * T * H_KV + h0) * HEAD_DIM, gain_ptr,
                   cos_ptr, sin_ptr, offs_t, T, s_kt, s_kh, H_KV * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd,
-                  eps, HEADS, HEAD_DIM, BLOCK_D, HALF, False)
+                  eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
 
 
 @triton.jit
 def _bwd_tile(x_base, g_base, dx_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh, s_gt, s_gh, s_dt,
               cos_st, cos_sd, sin_st, sin_sd, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, HALF: tl.constexpr, APPLY_GAIN: tl.constexpr):
+              BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, APPLY_GAIN: tl.constexpr):
     """dx of one tile; returns the per-head sums over its rows of s = sum_d u*y (HEADS,)."""
     t = offs_t[:, None, None]
     h = tl.arange(0, HEADS)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     row_ok = t < T
     mask = row_ok & (d < HEAD_DIM)
-    x = tl.load(x_base + t * s_xt + h * s_xh + d, mask=mask, other=0.0).to(tl.float32)
+    x_rows = x_base + t * s_xt + h * s_xh
     g_rows = g_base + t * s_gt + h * s_gh
+    dx_rows = dx_base + t * s_dt + h * HEAD_DIM
+    x = tl.load(x_rows + d, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(g_rows + d, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
     y = x * rstd
-    if HALF > 0:
-        c, s, partner, rot = _rope_coeffs(cos_ptr, sin_ptr, t, row_ok, d, cos_st, cos_sd, sin_st, sin_sd, HALF)
-        gp = tl.load(g_rows + partner, mask=row_ok & rot, other=0.0).to(tl.float32)
-        u = u * c - gp * s
-    row_dot = tl.sum(u * y, axis=2)  # (BT, HEADS); masked rows give 0
-    dx = rstd * (u - y * (row_dot / HEAD_DIM)[:, :, None])
+    scale = rstd
     if APPLY_GAIN:
-        dx = dx * tl.load(gain_ptr + tl.arange(0, HEADS)).to(tl.float32)[None, :, None]
-    tl.store(dx_base + t * s_dt + h * HEAD_DIM + d, dx.to(dx_base.dtype.element_ty), mask=mask)
-    return tl.sum(row_dot, axis=0)
+        scale = scale * tl.load(gain_ptr + tl.arange(0, HEADS)).to(tl.float32)[None, :, None]
+    if HALF > 0:
+        x1, x2, c, s, dh, ok = _load_halves(x_rows, t, row_ok, cos_ptr, sin_ptr, cos_st, cos_sd, sin_st, sin_sd,
+                                            HALF, BLOCK_HALF)
+        g1 = tl.load(g_rows + dh, mask=ok, other=0.0).to(tl.float32)
+        g2 = tl.load(g_rows + HALF + dh, mask=ok, other=0.0).to(tl.float32)
+        y1 = x1 * rstd
+        y2 = x2 * rstd
+        u1 = g1 * c - g2 * s  # the transposed rotation
+        u2 = g1 * s + g2 * c
+        mask = mask & (d >= 2 * HALF)  # the full tile now stands for the pass-through dims only
+        u = tl.where(mask, u, 0.0)
+        row_dot = tl.sum(u * y, axis=2) + tl.sum(u1 * y1, axis=2) + tl.sum(u2 * y2, axis=2)
+        mean_dot = (row_dot / HEAD_DIM)[:, :, None]
+        tl.store(dx_rows + dh, (scale * (u1 - y1 * mean_dot)).to(dx_base.dtype.element_ty), mask=ok)
+        tl.store(dx_rows + HALF + dh, (scale * (u2 - y2 * mean_dot)).to(dx_base.dtype.element_ty), mask=ok)
+    else:
+        row_dot = tl.sum(u * y, axis=2)
+        mean_dot = (row_dot / HEAD_DIM)[:, :, None]
+    tl.store(dx_rows + d, (scale * (u - y * mean_dot)).to(dx_base.dtype.element_ty), mask=mask)
+    return tl.sum(row_dot, axis=0)  # masked rows contribute 0
 
 
 @triton.jit
@@ -156,7 +183,7 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_p
                              part_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_gqb, s_gqt, s_gqh,
                              s_gkb, s_gkt, s_gkh, cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -167,7 +194,7 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_p
         part = _bwd_tile(q_ptr + b * s_qb + h0 * s_qh, gq_ptr + b * s_gqb + h0 * s_gqh,
                          dq_ptr + (b * T * H + h0) * HEAD_DIM, gain_ptr + h0, cos_ptr, sin_ptr, offs_t, T,
                          s_qt, s_qh, s_gqt, s_gqh, H * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
-                         HEADS, HEAD_DIM, BLOCK_D, HALF, True)
+                         HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
         # workspace row = this program's (b, token block); columns = heads
         row = b * tl.num_programs(0) + pid_t
         tl.store(part_ptr + row * H + h0 + tl.arange(0, HEADS), part)
@@ -176,7 +203,7 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_p
         _bwd_tile(k_ptr + b * s_kb + h0 * s_kh, gk_ptr + b * s_gkb + h0 * s_gkh,
                   dk_ptr + (b * T * H_KV + h0) * HEAD_DIM, gain_ptr, cos_ptr, sin_ptr, offs_t, T,
                   s_kt, s_kh, s_gkt, s_gkh, H_KV * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
-                  HEADS, HEAD_DIM, BLOCK_D, HALF, False)
+                  HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +240,7 @@ def qk_norm_rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain:
         q, k, q_out, k_out, cos, sin, q_gain, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         T, H, h_kv, RMS_EPS, HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
+        BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, num_warps=config.num_warps)
     return q_out, k_out
 
@@ -237,6 +265,7 @@ def qk_norm_rope_backward(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, 
         dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), T, H, h_kv, RMS_EPS,
         HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
+        BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, num_warps=config.num_warps)
     return dq, dk, partials.sum(0).to(q_gain.dtype)
 
