@@ -49,14 +49,15 @@ RMS_EPS = torch.finfo(torch.float32).eps
 class QKPrepConfig(NamedTuple):
     """block_t tokens x heads heads per program (heads is lowered to the largest power of two that
     divides both H and Hkv), num_warps per program."""
-    block_t: int = 32
+    block_t: int = 16
     heads: int = 4
     num_warps: int = 4
 
 
-# GPU defaults: a guess to be settled by benchmarks/test_bench_qk_prep.py's sweep on the H200.
-FWD_CONFIG = QKPrepConfig(32, 4, 4)
-BWD_CONFIG = QKPrepConfig(32, 4, 4)
+# GPU defaults, not yet measured (32 fp32 values of each tile per thread): to be settled by the
+# sweep in benchmarks/test_bench_qk_prep.py on the H200.
+FWD_CONFIG = QKPrepConfig(16, 4, 4)
+BWD_CONFIG = QKPrepConfig(16, 4, 4)
 # The CPU interpreter costs ~5 ms per program: few, larger tiles.
 INTERPRETER_CONFIG = QKPrepConfig(16, 8, 1)
 
