@@ -1,0 +1,183 @@
+"""K4 fused q/k rms_norm + partial RoPE + q_gain on the GPU: ours vs the same chain in plain torch,
+under torch.compile (default mode) and eager; forward and forward+backward.
+
+Seed shape: B=48, T=2048, H=8, Hkv=4, D=64, R=16, bf16; q and k are views of one (B,T,1024)
+[q | k | v] projection output, as the model will pass them. TB/s count the minimal bytes:
+forward reads q, k and writes q_out, k_out once (2 x 151 MB); backward reads dq_out, dk_out, q, k
+and writes dq, dk (3 x 151 MB); forward+backward is the sum (5 x 151 MB).
+
+`python3 benchmarks/test_bench_qk_prep.py` (from the repo root, recycore installed or not) sweeps a
+few block configs of each kernel, then prints ours / compiled / eager side by side (< 1 min on an H200).
+"""
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from bench_utils import gpu_time, requires_cuda
+
+SEED_SHAPE = (48, 2048, 8, 4, 64, 16)  # B, T, H, Hkv, D, R
+DEVICE = "cuda"
+IMPLS = ("ours_triton", "torch_compiled", "torch_eager")
+
+
+def load_qk_prep():
+    """recycore.kernels.qk_prep, or the file itself when recycore is not importable (it imports
+    only torch and triton)."""
+    try:
+        return importlib.import_module("recycore.kernels.qk_prep")
+    except ImportError:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "qk_prep.py")
+        spec = importlib.util.spec_from_file_location("recycore_qk_prep", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def minimal_bytes(B, T, H, h_kv, D, R, backward_only=False, fwd_bwd=False, itemsize=2):
+    one = B * T * (H + h_kv) * D * itemsize  # q and k once (151 MB at the seed shape)
+    return one * (5 if fwd_bwd else 3 if backward_only else 2)
+
+
+def make_inputs(B, T, H, h_kv, D, R, requires_grad, device=None):
+    """q, k as views of one projection output; the model's rotary tables (NTK-scaled at T > 1024)."""
+    device = device or DEVICE
+    qkv = torch.randn(B, T, (H + 2 * h_kv) * D, device=device, dtype=torch.bfloat16).requires_grad_(requires_grad)
+    q = qkv[..., :H * D].view(B, T, H, D)
+    k = qkv[..., H * D:(H + h_kv) * D].view(B, T, h_kv, D)
+    base = 10000.0 * (T / 1024) ** (R / (R - 2)) if T > 1024 else 10000.0
+    inv_freq = 1.0 / (base ** (torch.arange(0, R, 2, dtype=torch.float32, device=device) / R))
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
+    q_gain = torch.full((H,), 1.5, device=device).requires_grad_(requires_grad)
+    return q, k, freqs.cos(), freqs.sin(), q_gain
+
+
+def implementations(mod):
+    return {
+        "ours_triton": mod.qk_norm_rope,
+        "torch_compiled": torch.compile(mod.qk_norm_rope_reference),
+        "torch_eager": mod.qk_norm_rope_reference,
+    }
+
+
+def step_fn(fn, inputs, backward):
+    """forward only (no autograd graph), or forward + the gradients of q, k (the views) and q_gain."""
+    q, k, cos, sin, q_gain = inputs
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, cos, sin, q_gain)
+        return fwd
+    q_out, k_out = fn(q, k, cos, sin, q_gain)
+    grads = (torch.randn_like(q_out), torch.randn_like(k_out))
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(q, k, cos, sin, q_gain), (q, k, q_gain), grads)
+    return fwd_bwd
+
+
+_CACHE = {}
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+def test_bench_qk_prep(benchmark, name, backward):
+    if not _CACHE:
+        _CACHE.update(implementations(load_qk_prep()))
+    torch.manual_seed(0)
+    inputs = make_inputs(*SEED_SHAPE, requires_grad=backward)
+    gpu_time(benchmark, step_fn(_CACHE[name], inputs, backward),
+             group=f"K4 qk norm+rope+gain {'fwd+bwd' if backward else 'fwd'}", label=name,
+             bytes_moved=minimal_bytes(*SEED_SHAPE, fwd_bwd=backward), baseline=name == "torch_compiled")
+
+
+# ----------------------------------------------------------------------------------------------
+# One-command table: config sweep of each kernel, then the three paths side by side
+# ----------------------------------------------------------------------------------------------
+# (block_t, heads per program, num_warps)
+SWEEP = [(8, 4, 4), (16, 4, 4), (32, 4, 8), (16, 2, 4), (32, 1, 4), (64, 1, 8), (16, 4, 8)]
+
+
+def _ms(fn):
+    from triton.testing import do_bench
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def _ms_graphed(fn):
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=30, return_mode="median")
+
+
+def main():
+    mod = load_qk_prep()
+    torch.manual_seed(0)
+    B, T, H, h_kv, D, R = SEED_SHAPE
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  B={B} T={T} H={H} Hkv={h_kv} D={D} "
+          f"R={R} bf16, q/k views of a (B,T,{(H + 2 * h_kv) * D}) projection output")
+    fwd_bytes, bwd_bytes = minimal_bytes(*SEED_SHAPE), minimal_bytes(*SEED_SHAPE, backward_only=True)
+    q, k, cos, sin, q_gain = make_inputs(*SEED_SHAPE, requires_grad=False)
+    dq_out, dk_out = torch.randn(B, T, H, D, device=DEVICE, dtype=torch.bfloat16), torch.randn(
+        B, T, h_kv, D, device=DEVICE, dtype=torch.bfloat16)
+    # the (B,H,T,D)-transposed layout SDPA's backward hands back
+    dq_out_t = dq_out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    print(f"\n{'kernel config (block_t, heads, warps)':<44}{'ms':>8}{'TB/s':>8}")
+    best = {}
+    for label, run, nbytes, key in (
+            ("fwd", lambda c: mod.qk_norm_rope_forward(q, k, cos, sin, q_gain, config=c), fwd_bytes, "fwd"),
+            ("bwd", lambda c: mod.qk_norm_rope_backward(dq_out, dk_out, q, k, cos, sin, q_gain, config=c),
+             bwd_bytes, "bwd"),
+            ("bwd, dq_out (B,H,T,D)-strided", lambda c: mod.qk_norm_rope_backward(
+                dq_out_t, dk_out, q, k, cos, sin, q_gain, config=c), bwd_bytes, None)):
+        for cfg in SWEEP:
+            config = mod.QKPrepConfig(*cfg)
+            try:
+                ms = _ms(lambda: run(config))
+            except Exception as exc:  # a config that does not compile is reported, not fatal
+                print(f"{label + ' ' + str(cfg):<44} error: {type(exc).__name__}: {str(exc)[:80]}")
+                continue
+            print(f"{label + ' ' + str(cfg):<44}{ms:8.4f}{nbytes / ms / 1e9:8.2f}")
+            if key and (key not in best or ms < best[key][1]):
+                best[key] = (config, ms)
+    for key in best:
+        print(f"best {key}: {tuple(best[key][0])} {best[key][1]:.4f} ms")
+    mod.FWD_CONFIG, mod.BWD_CONFIG = best["fwd"][0], best["bwd"][0]  # what the op below runs
+
+    impls = implementations(mod)
+    # "graphed": the same fwd+bwd replayed from a CUDA graph, i.e. GPU time without host overhead
+    print(f"\n{'path':<16}{'fwd ms':>9}{'TB/s':>7}{'fwd+bwd ms':>12}{'TB/s':>7}{'graphed ms':>12}{'TB/s':>7}"
+          f"{'x compiled (fwd+bwd / graphed)':>32}")
+    rows = {}
+    for name, fn in impls.items():
+        fwd = _ms(step_fn(fn, make_inputs(*SEED_SHAPE, requires_grad=False), False))
+        fb = _ms(step_fn(fn, make_inputs(*SEED_SHAPE, requires_grad=True), True))
+        try:
+            graphed = _ms_graphed(step_fn(fn, make_inputs(*SEED_SHAPE, requires_grad=True), True))
+        except Exception as exc:
+            print(f"{name}: CUDA-graph timing failed: {type(exc).__name__}: {str(exc)[:120]}")
+            graphed = float("nan")
+        rows[name] = (fwd, fb, graphed)
+    ref_fb, ref_graphed = rows["torch_compiled"][1:]
+    total = fwd_bytes + bwd_bytes
+    for name, (fwd, fb, graphed) in rows.items():
+        print(f"{name:<16}{fwd:9.4f}{fwd_bytes / fwd / 1e9:7.2f}{fb:12.4f}{total / fb / 1e9:7.2f}"
+              f"{graphed:12.4f}{total / graphed / 1e9:7.2f}{ref_fb / fb:19.2f}x /{ref_graphed / graphed:6.2f}x")
+
+    # the three paths agree at the seed shape (bf16 vs a float64 reference)
+    qd, kd, gd = (t.detach().double() for t in (q, k, q_gain))
+    ref = mod.qk_norm_rope_reference(qd, kd, cos.double(), sin.double(), gd)
+    outs = mod.qk_norm_rope(q, k, cos, sin, q_gain)
+    errs = [((o.double() - r).norm() / r.norm()).item() for o, r in zip(outs, ref)]
+    print(f"\nours vs float64 reference: rel err q_out {errs[0]:.2e}, k_out {errs[1]:.2e}")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    main()

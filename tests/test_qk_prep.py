@@ -1,0 +1,246 @@
+"""K4 fused q/k rms_norm + partial RoPE + q_gain vs the plain-torch reference (autograd, float64)."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import DEVICE, rel_err, requires_cuda
+from recycore.kernels.qk_prep import (RMS_EPS, qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
+                                      qk_norm_rope_reference)
+
+qk_prep = importlib.import_module("recycore.kernels.qk_prep")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# (B, T, H, Hkv, D, R): T not a multiple of the block (16 on CPU, 32 on GPU), B*T odd in some,
+# GQA 4/2 and 8/4, D 32 and 64, R 0, 8 and 16; last, D and R/2 not powers of two (masked lanes).
+SHAPES = [(2, 37, 4, 2, 64, 16), (3, 21, 8, 4, 64, 16), (1, 45, 4, 2, 32, 8), (2, 19, 8, 4, 32, 0),
+          (1, 9, 4, 2, 64, 8), (1, 13, 4, 2, 48, 12)]
+
+
+def _tables(T, R, device=DEVICE):
+    """Fresh random angles (not the model's table: every entry of cos/sin should matter)."""
+    angles = 10 * torch.rand(T, R // 2, device=device)
+    return angles.cos(), angles.sin()
+
+
+def _inputs(B, T, H, h_kv, D, R, dtype, device=DEVICE):
+    """q, k as views of one [q | k | v] projection output (D contiguous, other strides not)."""
+    qkv = 3 * torch.randn(B, T, (H + 2 * h_kv) * D, device=device, dtype=dtype) + 0.5
+    qkv.requires_grad_()
+    q = qkv[..., :H * D].view(B, T, H, D)
+    k = qkv[..., H * D:(H + h_kv) * D].view(B, T, h_kv, D)
+    cos, sin = _tables(T, R, device)
+    q_gain = (torch.rand(H, device=device) + 0.5).requires_grad_()
+    return qkv, q, k, cos, sin, q_gain
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every torch.empty made during the test is NaN-filled: an output element the kernels do not
+    write (or a workspace entry, for d q_gain) shows up as NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _check(B, T, H, h_kv, D, R, dtype, device=DEVICE):
+    qkv, q, k, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, dtype, device)
+    q_out, k_out = qk_norm_rope(q, k, cos, sin, q_gain)
+    assert q_out.dtype == dtype and k_out.dtype == dtype
+    assert q_out.shape == q.shape and k_out.shape == k.shape
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    dq_out, dk_out = torch.randn_like(q_out), torch.randn_like(k_out)
+    d_qkv, d_gain = torch.autograd.grad((q_out, k_out), (qkv, q_gain), (dq_out, dk_out))
+
+    ref_qkv = qkv.detach().double().requires_grad_()
+    ref_gain = q_gain.detach().double().requires_grad_()
+    ref_q, ref_k = ref_qkv[..., :H * D].view(B, T, H, D), ref_qkv[..., H * D:(H + h_kv) * D].view(B, T, h_kv, D)
+    ref_q_out, ref_k_out = qk_norm_rope_reference(ref_q, ref_k, cos.double(), sin.double(), ref_gain)
+    ref_d_qkv, ref_d_gain = torch.autograd.grad((ref_q_out, ref_k_out), (ref_qkv, ref_gain),
+                                                (dq_out.double(), dk_out.double()))
+    tol = TOL[dtype]
+    assert rel_err(q_out, ref_q_out) < tol
+    assert rel_err(k_out, ref_k_out) < tol
+    assert d_qkv.dtype == dtype and d_gain.dtype == torch.float32
+    assert rel_err(d_qkv[..., :H * D], ref_d_qkv[..., :H * D]) < tol  # dq
+    assert rel_err(d_qkv[..., H * D:(H + h_kv) * D], ref_d_qkv[..., H * D:(H + h_kv) * D]) < tol  # dk
+    assert d_qkv[..., (H + h_kv) * D:].abs().max() == 0  # v's slice gets no gradient
+    assert rel_err(d_gain, ref_d_gain) < tol
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_fp32(shape, nan_empty):
+    _check(*shape, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 33, 4, 2, 64, 16), (2, 17, 8, 4, 64, 8)])
+def test_matches_reference_bf16(shape, nan_empty):
+    _check(*shape, torch.bfloat16)
+
+
+def test_reference_is_the_models_chain():
+    """qk_norm_rope_reference computes bit for bit what CausalSelfAttention.forward computes."""
+    from recycore import ops
+    from recycore.model import apply_partial_rotary, rotary_tables
+
+    B, T, H, h_kv, D, R = 2, 40, 4, 2, 64, 16
+    cos, sin = rotary_tables(T, R, 10000.0, 16, DEVICE)  # T > train length: NTK-scaled base
+    for dtype in (torch.float32, torch.bfloat16):
+        _, q, k, _, _, q_gain = _inputs(B, T, H, h_kv, D, R, dtype)
+        q, k, q_gain = q.detach(), k.detach(), q_gain.detach()
+        q_ref, k_ref = ops.rms_norm(q), ops.rms_norm(k)
+        q_ref, k_ref = apply_partial_rotary(q_ref, cos, sin), apply_partial_rotary(k_ref, cos, sin)
+        q_ref = q_ref * q_gain.to(q_ref.dtype)[None, None, :, None]
+        q_out, k_out = qk_norm_rope_reference(q, k, cos, sin, q_gain)
+        assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+        # R = 0: the model skips the rotation; so does the reference (an empty table)
+        empty = torch.empty(T, 0, device=DEVICE)
+        q_out, k_out = qk_norm_rope_reference(q, k, empty, empty, q_gain)
+        assert torch.equal(k_out, ops.rms_norm(k))
+        assert torch.equal(q_out, ops.rms_norm(q) * q_gain.to(dtype)[None, None, :, None])
+
+
+def test_rms_eps_is_torchs_default():
+    """F.rms_norm's default eps is fp32's for fp32 and bf16 inputs (it computes in fp32)."""
+    x = torch.full((3, 64), 3e-5)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        manual = xd.float() * torch.rsqrt(xd.float().pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        assert torch.equal(F.rms_norm(xd, (64,)), manual.to(dtype))
+
+
+def test_kernel_uses_the_default_eps():
+    """Tiny rows (mean square ~ eps): the eps term is visible, and the kernel's matches F.rms_norm's."""
+    q = torch.full((1, 3, 4, 32), 2e-4, device=DEVICE) * torch.randn(1, 3, 4, 32, device=DEVICE)
+    k = torch.full((1, 3, 2, 32), 2e-4, device=DEVICE) * torch.randn(1, 3, 2, 32, device=DEVICE)
+    cos, sin = _tables(3, 8)
+    gain = torch.ones(4, device=DEVICE)
+    out = qk_norm_rope(q, k, cos, sin, gain)
+    ref = qk_norm_rope_reference(q, k, cos, sin, gain)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < 1e-5
+        assert r.norm() < 0.95 * r.numel() ** 0.5  # the eps term really shrinks these rows
+
+
+def test_backward_strided_grads_and_determinism(nan_empty):
+    """Output gradients in SDPA's (B,H,T,D)-transposed layout; d q_gain identical run to run."""
+    B, T, H, h_kv, D, R = 2, 23, 8, 4, 32, 16
+    _, q, k, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, torch.float32)
+    q, k, q_gain = q.detach(), k.detach(), q_gain.detach()
+    dq_out = torch.randn(B, H, T, D, device=DEVICE).transpose(1, 2)
+    dk_out = torch.randn(B, h_kv, T, D, device=DEVICE).transpose(1, 2)
+    dq, dk, d_gain = qk_norm_rope_backward(dq_out, dk_out, q, k, cos, sin, q_gain)
+    dq2, dk2, d_gain2 = qk_norm_rope_backward(dq_out.contiguous(), dk_out.contiguous(), q.contiguous(),
+                                              k.contiguous(), cos, sin, q_gain)
+    assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(d_gain, d_gain2)
+    qd, kd, gd = (t.double().requires_grad_() for t in (q, k, q_gain))
+    ref = qk_norm_rope_reference(qd, kd, cos.double(), sin.double(), gd)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, gd), (dq_out.double(), dk_out.double()))
+    for got, want in zip((dq, dk, d_gain), ref_grads):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_launcher_configs_agree():
+    """Other block configs (several heads per program, or one) give the same result."""
+    B, T, H, h_kv, D, R = 1, 21, 8, 4, 64, 16
+    _, q, k, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, torch.float32)
+    q, k, q_gain = q.detach(), k.detach(), q_gain.detach()
+    base = qk_norm_rope_forward(q, k, cos, sin, q_gain)
+    other = qk_norm_rope_forward(q, k, cos, sin, q_gain, config=qk_prep.QKPrepConfig(8, 1, 1))
+    for a, b in zip(base, other):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_opcheck():
+    B, T, H, h_kv, D, R = 1, 5, 4, 2, 32, 8
+    _, q, k, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, torch.float32)
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    torch.library.opcheck(torch.ops.recycore.qk_norm_rope.default, (q, k, cos, sin, q_gain))
+    g_q, g_k = torch.randn(B, T, H, D, device=DEVICE), torch.randn(B, T, h_kv, D, device=DEVICE)
+    torch.library.opcheck(torch.ops.recycore.qk_norm_rope_backward.default,
+                          (g_q, g_k, q.detach(), k.detach(), cos, sin, q_gain.detach()))
+
+
+def test_torch_compile_fullgraph():
+    """The op inside a compiled function (views of a projection output in, a loss out)."""
+    B, T, H, h_kv, D, R = 1, 19, 4, 2, 32, 8
+    qkv, _, _, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, torch.float32)
+
+    def f(qkv, cos, sin, q_gain):
+        q = qkv[..., :H * D].view(B, T, H, D)
+        k = qkv[..., H * D:(H + h_kv) * D].view(B, T, h_kv, D)
+        q_out, k_out = qk_norm_rope(q, k, cos, sin, q_gain)
+        return (q_out.square().mean(-1) * k_out.repeat_interleave(H // h_kv, 2).sum(-1)).sum()
+
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    eager_loss = f(qkv, cos, sin, q_gain)
+    eager_grads = torch.autograd.grad(eager_loss, (qkv, q_gain))
+    loss = compiled(qkv, cos, sin, q_gain)
+    grads = torch.autograd.grad(loss, (qkv, q_gain))
+    assert rel_err(loss, eager_loss) < 1e-5
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) < 1e-5
+
+
+def test_input_checks():
+    B, T, H, h_kv, D, R = 1, 4, 4, 2, 32, 8
+    _, q, k, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, torch.float32)
+    with pytest.raises(ValueError, match="cos and sin"):
+        qk_norm_rope(q, k, cos[:-1], sin[:-1], q_gain)
+    with pytest.raises(ValueError, match="q_gain"):
+        qk_norm_rope(q, k, cos, sin, q_gain[:-1])
+    with pytest.raises(TypeError, match="share"):
+        qk_norm_rope(q, k.double(), cos, sin, q_gain)
+    with pytest.raises(ValueError, match="k must be"):
+        qk_norm_rope(q, k[:, :-1], cos, sin, q_gain)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the seed's shape, bf16, the fused-projection layout; CUDA-graph capture
+# ----------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("B", [4, 8])
+def test_seed_shape_bf16_cuda(B):
+    _check(B, 2048, 8, 4, 64, 16, torch.bfloat16, device=torch.device("cuda"))
+
+
+@requires_cuda
+def test_seed_shape_fp32_cuda():
+    _check(4, 2048, 8, 4, 64, 16, torch.float32, device=torch.device("cuda"))
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    """Forward + backward captured in one CUDA graph replays to the eager result."""
+    B, T, H, h_kv, D, R = 4, 2048, 8, 4, 64, 16
+    qkv, _, _, cos, sin, q_gain = _inputs(B, T, H, h_kv, D, R, torch.bfloat16, torch.device("cuda"))
+    g_q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    g_k = torch.randn(B, T, h_kv, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        q = qkv[..., :H * D].view(B, T, H, D)
+        k = qkv[..., H * D:(H + h_kv) * D].view(B, T, h_kv, D)
+        q_out, k_out = qk_norm_rope(q, k, cos, sin, q_gain)
+        return (q_out, k_out) + torch.autograd.grad((q_out, k_out), (q, k, q_gain), (g_q, g_k))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        qkv.add_(0.1 * torch.randn_like(qkv))  # new values in the static input buffer
+    expected = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
