@@ -503,10 +503,13 @@ def _check_inputs(x, packed, scales, out_features, in_features, activation, impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if config is not None:
-        _check_config(config, impl, in_features)
+        _check_config(config, impl)
+    if (impl == "resident" or getattr(config, "kernel", None) == "resident") and in_features > RESIDENT_MAX_K:
+        raise ValueError(f"the resident kernel holds rows of <= {RESIDENT_MAX_K} values, got in_features = "
+                         f"{in_features}")
 
 
-def _check_config(config, impl, in_features):
+def _check_config(config, impl):
     if not isinstance(config, Int5Config) or config.kernel not in KERNELS:
         raise TypeError(f"config must be an Int5Config of one of the kernels {KERNELS}, got {config!r}")
     if impl not in ("auto", "fused", config.kernel):
@@ -515,9 +518,6 @@ def _check_config(config, impl, in_features):
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
             raise ValueError(f"config.{name} must be a power of two >= 16, got {value}")
-    if config.kernel == "resident" and in_features > RESIDENT_MAX_K:
-        raise ValueError(f"the resident kernel holds rows of <= {RESIDENT_MAX_K} values, got in_features = "
-                         f"{in_features}")
 
 
 def int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
