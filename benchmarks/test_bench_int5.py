@@ -48,6 +48,15 @@ def candidates():
             Int5Config("stream", 128, 256, 8, 3), Int5Config("splitk", 256, 128, 8, 2, split_k=1)]
 
 
+def small_m_candidates(M):
+    """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL) and the gemv kernel's variants."""
+    from recycore.kernels.int5 import Int5Config
+
+    bm = 1 << (M - 1).bit_length()
+    return [("auto", "auto", None), ("gemv", "gemv", None), ("gemv:b2", "gemv", Int5Config("gemv", bm, 2, 4, 3)),
+            ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None)]
+
+
 def fits(config, K):
     from recycore.kernels.int5 import RESIDENT_MAX_K
 
@@ -109,12 +118,12 @@ def large_m_calls(fn, xs, M, N, K):
     return [lambda x=xs[i % len(xs)]: fn(x) for i in range(n)]
 
 
-def small_m_calls(impl, N, K, M, mode, count=256):
+def small_m_calls(impl, N, K, M, mode, count=256, config=None):
     """hot: one weight `count` times; cold: distinct weight copies (> 2x L2 of our layout) in turn."""
     copies = 1 if mode == "hot" else min(count, math.ceil(2 * L2_BYTES / int5_bytes(N, K)))
     weights = [make_weight(N, K, seed=i) for i in range(copies)]
     x = make_xs(M, K, 1)[0]
-    fns = [op(impl, None, w, N, K, activation_of(N, K)) for w in weights]
+    fns = [op(impl, config, w, N, K, None if impl == "cublas" else activation_of(N, K)) for w in weights]
     return [lambda f=fns[i % copies]: f(x) for i in range(count)]
 
 
@@ -152,7 +161,7 @@ def test_bench_int5_large_m(benchmark, shape, M, impl):
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", ["auto", "cublas"])
+@pytest.mark.parametrize("impl", ["auto", "gemv", "cublas"])
 @pytest.mark.parametrize("mode", ["hot", "cold"])
 @pytest.mark.parametrize("M", SMALL_ROWS)
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -179,7 +188,8 @@ def _table_cases():
         for M in LARGE_ROWS:
             cases += [(c.kernel, c.as_list(), N, K, M, act) for c in candidates() if fits(c, K)]
             cases += [("auto", None, N, K, M, act), ("dequant", None, N, K, M, act)]
-        cases += [("auto", None, N, K, M, act) for M in SMALL_ROWS]
+        cases += [(impl, None if c is None else c.as_list(), N, K, M, act)
+                  for M in SMALL_ROWS for _, impl, c in small_m_candidates(M)]
     return cases
 
 
@@ -256,16 +266,23 @@ def table(out_dir=None):
             best.append(f"{r['shape']}: {name} {ratios[name]:.2f}x")
     report["best_at_65536"] = best
     print("best at M = 65,536: " + "; ".join(best))
-    print(f"\n{'shape':9s} {'M':>3s} {'mode':4s} {'ours us':>8s} {'cuBLAS us':>9s} {'ratio':>6s}")
+    small_names = [name for name, _, _ in small_m_candidates(1)]
+    print(f"\n{'shape':9s} {'M':>3s} {'mode':4s} {'cuBLAS us':>9s} " + " ".join(n.rjust(9) for n in small_names)
+          + "   (ratio = cuBLAS us / ours)")
     for N, K in WEIGHT_SHAPES:
         for M in SMALL_ROWS:
             for mode in ("hot", "cold"):
-                ours = time_calls(small_m_calls("auto", N, K, M, mode))
                 base = time_calls(small_m_calls("cublas", N, K, M, mode))
-                report["small_m"].append({"shape": f"{N}x{K}", "M": M, "mode": mode, "ours_us": ours * 1e3,
-                                          "cublas_us": base * 1e3, "ratio": base / ours})
-                print(f"{N}x{K:<5d} {M:3d} {mode:4s} {ours * 1e3:8.2f} {base * 1e3:9.2f} {base / ours:5.2f}x",
-                      flush=True)
+                row = {"shape": f"{N}x{K}", "M": M, "mode": mode, "cublas_us": base * 1e3, "us": {}, "ratio": {}}
+                for name, impl, config in small_m_candidates(M):
+                    try:
+                        ours = time_calls(small_m_calls(impl, N, K, M, mode, config=config))
+                        row["us"][name], row["ratio"][name] = ours * 1e3, base / ours
+                    except Exception as exc:
+                        row["us"][name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                report["small_m"].append(row)
+                cells = [f"{row['ratio'][n]:8.2f}x" if n in row["ratio"] else "      err" for n in small_names]
+                print(f"{N}x{K:<5d} {M:3d} {mode:4s} {base * 1e3:9.2f} " + " ".join(cells), flush=True)
     print(f"total {time.perf_counter() - start:.0f} s")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

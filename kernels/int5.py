@@ -18,11 +18,14 @@ kept packed on the GPU (5 bits per weight + one fp16 scale per output row), at e
       128-value group per step into the MMA operand while the previous step's MMAs run.
   "splitk" (M <= SMALL_M_MAX, decoding-style): gemm.py's template with the INT5 loader; rows of
       more than 4 groups are split over K (fp32 partials, one reduction launch).
-  `AUTO_LARGE_M` picks per weight shape; "dequant" (the matrix decoded into a transient bf16
+  "gemv" (M <= 16, a candidate for decoding): a few weight rows per program (no MMA tile minimum,
+      so ~1-2 programs per SM at the model's shapes), fp32 multiply-add, one launch.
+  SMALL_M_KERNEL and `AUTO_LARGE_M` pick the kernel per regime and weight shape; "dequant" (the matrix decoded into a transient bf16
   buffer, then cuBLAS) is kept as an explicit `impl` for comparison only.
 - `int5_linear` is a torch.library custom op with a fake impl (eval only, not differentiable);
   `Int5Linear.from_artifact` builds the module from the artifact's bytes, scales and shape.
 """
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional
@@ -53,7 +56,7 @@ INT5_MAX = 15
 SMALL_M_MAX = 64
 RESIDENT_MAX_K = 4 * INT5_GROUP  # the whole row of a weight tile stays in registers
 ACTIVATIONS = ("none", "leaky_relu2")
-KERNELS = ("resident", "stream", "splitk")
+KERNELS = ("resident", "stream", "splitk", "gemv")
 IMPLS = ("auto", "fused", "dequant") + KERNELS
 
 
@@ -62,7 +65,7 @@ class Int5Config:
     """One kernel and its tiles. block_m: x rows per tile (the MMA's N side); block_n: weight rows
     per tile (the MMA's M side: 64 per warpgroup). resident: programs_per_sm programs per SM share
     the M tiles; stream: group_m M tiles share the weight tiles while they are hot in L2; splitk:
-    split_k splits of K (0: by shape)."""
+    split_k splits of K (0: by shape); gemv: block_m >= M rows of x, block_n weight rows per program."""
     kernel: str
     block_m: int
     block_n: int
@@ -83,7 +86,7 @@ class Int5Config:
 
     def __str__(self):
         extra = {"resident": f"p{self.programs_per_sm}", "stream": f"g{self.group_m}",
-                 "splitk": f"k{self.split_k}"}[self.kernel]
+                 "splitk": f"k{self.split_k}", "gemv": ""}[self.kernel]
         return f"{self.kernel}:{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
 
 
@@ -107,6 +110,8 @@ AUTO_LARGE_M = {
 SMALL_M_BLOCK_N = 16
 SMALL_M_UNSPLIT_GROUPS = 4
 SMALL_M_PROGRAMS_PER_SM = 2
+SMALL_M_KERNEL = "splitk"  # or "gemv" (M <= GEMV_MAX_M only)
+GEMV_MAX_M = 16
 
 # Under the CPU interpreter (~5 ms per program-tile step): small tiles, and a few "SMs" so that the
 # resident kernel's programs each get several M tiles.
@@ -114,6 +119,7 @@ CPU_CONFIGS = {
     "resident": Int5Config("resident", 16, 32, num_warps=4, num_stages=1),
     "stream": Int5Config("stream", 32, 32, num_warps=4, num_stages=1),
     "splitk": Int5Config("splitk", 32, 32, num_warps=4, num_stages=1),
+    "gemv": Int5Config("gemv", 16, 4, num_warps=4, num_stages=1),
 }
 CPU_SMS = 3
 
@@ -428,6 +434,46 @@ def _launch_splitk(x, packed, scales, y, N, K, leaky, config):
             STORE_PRE=False, STORE_POST=True, UPCAST=upcast, BLOCK=block)
 
 
+@triton.jit
+def _int5_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
+                      ACT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[:M, n..n + BLOCK_N] for the program's BLOCK_N weight rows: fp32 products summed over K."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, 128):  # the group past K is row padding (q = 0) against x zeros
+        w = _load_int5_tile(w_ptr, offs_n, mask_n, k0, stride_wn, BLOCK_N, UPCAST).to(tl.float32)
+        offs_k = k0 + tl.arange(0, 128)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.trans(acc * scale[:, None])
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    _store_epilogue(acc, offs, mask_m[:, None] & mask_n[None, :], y_ptr, y_ptr, y_ptr, ACT, False, True, UPCAST)
+
+
+def _gemv_config(M, N, device):
+    """block_n: about SMALL_M_PROGRAMS_PER_SM programs per SM at the model's widths."""
+    if device.type != "cuda":
+        return CPU_CONFIGS["gemv"]
+    rows = max(1, N // (SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0)))
+    block_n = min(16, triton.next_power_of_2(rows))
+    return Int5Config("gemv", max(1, triton.next_power_of_2(M)), block_n, num_warps=4, num_stages=3)
+
+
+def _launch_gemv(x, packed, scales, y, N, K, leaky, config):
+    M = x.shape[0]
+    if config.block_m < M:
+        raise ValueError(f"the gemv kernel's block_m = {config.block_m} holds fewer than the {M} rows of x")
+    _int5_gemv_kernel[(triton.cdiv(N, config.block_n),)](
+        x, packed, scales, y, M, N, K, x.stride(0), packed.stride(0),
+        ACT=EPILOGUE_LEAKY_RELU2 if leaky else EPILOGUE_NONE, UPCAST=x.device.type == "cpu",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 # ----------------------------------------------------------------------------------------------
 # The op
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +486,7 @@ def _choose(M, N, K, dtype, device, impl, config):
     if impl in KERNELS:
         kernel = impl
     elif M <= SMALL_M_MAX:
-        kernel = "splitk"
+        kernel = SMALL_M_KERNEL if M <= GEMV_MAX_M else "splitk"
     elif device.type != "cuda":
         kernel = "resident" if K <= RESIDENT_MAX_K else "stream"
     elif dtype == torch.float32:
@@ -451,9 +497,12 @@ def _choose(M, N, K, dtype, device, impl, config):
             return RESIDENT if K <= RESIDENT_MAX_K else STREAM
         return choice
     if device.type != "cuda":
-        return CPU_CONFIGS[kernel]
+        return dataclasses.replace(CPU_CONFIGS[kernel], block_m=max(16, triton.next_power_of_2(M))) \
+            if kernel == "gemv" else CPU_CONFIGS[kernel]
     if kernel == "splitk":
         return None if M <= SMALL_M_MAX else SPLITK_LARGE  # None: _small_m_plan
+    if kernel == "gemv":
+        return _gemv_config(M, N, device)
     if kernel == "stream" and dtype == torch.float32:
         return STREAM_FP32
     return {"resident": RESIDENT, "stream": STREAM}[kernel]
@@ -476,6 +525,8 @@ def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, i
         return y
     if choice is None or choice.kernel == "splitk":
         _launch_splitk(x, packed, scales, y, out_features, in_features, leaky, choice)
+    elif choice.kernel == "gemv":
+        _launch_gemv(x, packed, scales, y, out_features, in_features, leaky, choice)
     else:
         _launch_large_m(x, packed, scales, y, out_features, in_features, leaky, choice)
     return y
@@ -504,7 +555,10 @@ def _check_inputs(x, packed, scales, out_features, in_features, activation, impl
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if config is not None:
         _check_config(config, impl)
-    if (impl == "resident" or getattr(config, "kernel", None) == "resident") and in_features > RESIDENT_MAX_K:
+    kernel = impl if config is None else config.kernel
+    if kernel == "gemv" and x.numel() > GEMV_MAX_M * in_features:
+        raise ValueError(f"the gemv kernel runs at most {GEMV_MAX_M} rows, got {x.numel() // in_features}")
+    if kernel == "resident" and in_features > RESIDENT_MAX_K:
         raise ValueError(f"the resident kernel holds rows of <= {RESIDENT_MAX_K} values, got in_features = "
                          f"{in_features}")
 
@@ -514,10 +568,11 @@ def _check_config(config, impl):
         raise TypeError(f"config must be an Int5Config of one of the kernels {KERNELS}, got {config!r}")
     if impl not in ("auto", "fused", config.kernel):
         raise ValueError(f"impl={impl!r} does not match config {config}")
+    low = 1 if config.kernel == "gemv" else 16  # the MMA kernels' smallest tile side
     for name in ("block_m", "block_n"):
         value = getattr(config, name)
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"config.{name} must be a power of two >= 16, got {value}")
+        if value < low or value & (value - 1):
+            raise ValueError(f"config.{name} must be a power of two >= {low}, got {value}")
 
 
 def int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, in_features: int,

@@ -29,7 +29,7 @@ CPU = DEVICE.type == "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if CPU else 1e-2}
 N, K = 72, 200  # ragged against the 32-row tiles and the 128-value groups
 LARGE_M = SMALL_M_MAX + 13  # odd, above the small-M regime
-KERNEL_IMPLS = ("resident", "stream", "splitk")
+KERNEL_IMPLS = ("resident", "stream", "splitk", "gemv")
 MODEL_SHAPES = [(512, 512), (256, 512), (1536, 512), (512, 1536)]  # Q/O, K/V, MLP up, MLP down
 
 
@@ -122,6 +122,8 @@ def test_dequantize_is_the_dequantised_models_weight(rows, cols, dtype):
 @pytest.mark.parametrize("activation", [None, "leaky_relu2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int5_linear(impl, M, activation, dtype):
+    if impl == "gemv" and M > int5_module.GEMV_MAX_M:
+        pytest.skip("the gemv kernel is for M <= 16")
     q, scales, packed = _weight(N, K)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype) * 3
     y = int5_linear(x, packed, scales, N, K, activation, impl=impl)
@@ -156,6 +158,10 @@ def test_kernels_write_every_element(kernel, rows, cols, leaky, dtype):
         int5_module._launch_splitk(x, packed, scales, y, rows, cols, leaky,
                                    _cpu_config("splitk", block_m=16, block_n=16, split_k=2) or
                                    Int5Config("splitk", 16, 16, 4, 3, group_m=1, split_k=2))
+    elif kernel == "gemv":
+        M = 13
+        x, y = x[:M], y[:M]
+        int5_module._launch_gemv(x, packed, scales, y, rows, cols, leaky, Int5Config("gemv", 16, 8, 4, 2))
     else:
         config = _cpu_config(kernel, block_m=16, programs_per_sm=2) or (
             int5_module.RESIDENT if kernel == "resident" else int5_module.STREAM)
@@ -190,7 +196,7 @@ def test_configs_choose_kernels():
                 choice = int5_module._choose(M, *shape, torch.bfloat16, gpu, impl, None)
                 assert choice != "dequant"
                 if M <= SMALL_M_MAX:
-                    assert choice is None  # the small-M plan
+                    assert choice is None  # the small-M plan (SMALL_M_KERNEL = "splitk")
                 else:
                     assert choice.kernel == ("resident" if shape[1] <= 512 else "stream")
     assert int5_module._choose(65536, 512, 1536, torch.float32, gpu, "auto", None).kernel == "stream"
@@ -220,6 +226,8 @@ def test_the_weight_is_never_decoded(monkeypatch, M):
     q, scales, packed = _weight(N, K)
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
     for impl in ("auto", "fused", *KERNEL_IMPLS):
+        if impl == "gemv" and M > int5_module.GEMV_MAX_M:
+            continue
         for activation in (None, "leaky_relu2"):
             int5_linear(x, packed, scales, N, K, activation, impl=impl)
     assert calls == []
@@ -279,6 +287,8 @@ def test_bad_inputs_raise_clear_errors():
         int5_linear(torch.randn(4, 600, device=DEVICE), packed2, scales2, N, 600, impl="resident")
     with pytest.raises(TypeError, match="Int5Config"):
         int5_linear(x, packed, scales, N, K, config=[1, 2, 3])
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        int5_linear(torch.randn(17, K, device=DEVICE), packed, scales, N, K, impl="gemv")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +301,7 @@ def test_model_shapes_bf16(shape, M):
     q, scales, packed = _weight(*shape)
     x = torch.randn(M, shape[1], device=DEVICE, dtype=torch.bfloat16)
     impls = ["auto", "fused", "stream", "splitk", "dequant"] + (["resident"] if shape[1] <= 512 else [])
+    impls += ["gemv"] if M <= 16 else []
     for activation in (None, "leaky_relu2"):
         ref = _reference(x, q, scales, activation)
         for impl in impls:
