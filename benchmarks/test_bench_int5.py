@@ -44,7 +44,8 @@ def candidates():
     from recycore.kernels.int5 import RESIDENT, STREAM, Int5Config
 
     return [RESIDENT, dataclasses.replace(RESIDENT, num_stages=2), Int5Config("resident", 32, 128, 8, 4),
-            STREAM, dataclasses.replace(STREAM, num_stages=2), Int5Config("stream", 256, 128, 8, 2),
+            Int5Config("resident", 32, 64, 4, 3, programs_per_sm=2),  # two programs per SM overlap
+            STREAM, dataclasses.replace(STREAM, num_stages=3), Int5Config("stream", 256, 128, 8, 2),
             Int5Config("stream", 128, 256, 8, 3), Int5Config("splitk", 256, 128, 8, 2, split_k=1)]
 
 

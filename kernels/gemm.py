@@ -139,9 +139,9 @@ def _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N: tl.constexpr,
     mask = mask_n[:, None, None]
     w4 = tl.load(group + 4 * c + tl.arange(0, 4)[None, None, :], mask=mask, other=0)  # (BLOCK_N, c, t)
     w_4 = tl.reshape(tl.load(group + 16 + c, mask=mask, other=0), (BLOCK_N, 4))[:, None, :]
-    lo, hi = tl.split(tl.reshape(w4, (BLOCK_N, 4, 2, 2)))  # t = 2 * t_hi + t_lo
-    w_0, w_2 = tl.split(lo)
-    w_1, w_3 = tl.split(hi)
+    even, odd = tl.split(tl.reshape(w4, (BLOCK_N, 4, 2, 2)))  # words t = 0, 2 and t = 1, 3
+    w_0, w_2 = tl.split(even)
+    w_1, w_3 = tl.split(odd)
     w_0 = w_0[:, None, :]  # (BLOCK_N, 1, c), broadcast over the pairs i
     w_1 = w_1[:, None, :]
     w_2 = w_2[:, None, :]

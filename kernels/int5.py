@@ -20,8 +20,8 @@ kept packed on the GPU (5 bits per weight + one fp16 scale per output row), at e
       more than 4 groups are split over K (fp32 partials, one reduction launch).
   "gemv" (M <= 16, a candidate for decoding): a few weight rows per program (no MMA tile minimum,
       so ~1-2 programs per SM at the model's shapes), fp32 multiply-add, one launch.
-  SMALL_M_KERNEL and `AUTO_LARGE_M` pick the kernel per regime and weight shape; "dequant" (the matrix decoded into a transient bf16
-  buffer, then cuBLAS) is kept as an explicit `impl` for comparison only.
+  SMALL_M_KERNEL and `AUTO_LARGE_M` pick the kernel per regime and weight shape; "dequant" (the
+  matrix decoded into a transient bf16 buffer, then cuBLAS) is an explicit `impl` for comparison.
 - `int5_linear` is a torch.library custom op with a fake impl (eval only, not differentiable);
   `Int5Linear.from_artifact` builds the module from the artifact's bytes, scales and shape.
 """
@@ -92,7 +92,7 @@ class Int5Config:
 
 # GPU configs (checked offline for sm_90: registers, no spills in the loops, shared memory).
 RESIDENT = Int5Config("resident", 64, 128, num_warps=8, num_stages=3)
-STREAM = Int5Config("stream", 128, 128, num_warps=8, num_stages=3)
+STREAM = Int5Config("stream", 128, 128, num_warps=8, num_stages=2)  # fits twice per SM (registers, shared memory)
 STREAM_FP32 = Int5Config("stream", 64, 64, num_warps=4, num_stages=2)  # fp32 x: FMA dot, correctness only
 SPLITK_LARGE = Int5Config("splitk", 256, 128, num_warps=8, num_stages=2, split_k=1)  # the template at large M
 # Large M (> SMALL_M_MAX rows, 16-bit x on a GPU), per weight shape (N, K): a config, or "dequant"
@@ -555,9 +555,13 @@ def _check_inputs(x, packed, scales, out_features, in_features, activation, impl
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if config is not None:
         _check_config(config, impl)
+    rows = x.numel() // max(1, in_features)
+    if rows * max(out_features, in_features) >= 2**31:
+        raise ValueError(f"int5_linear of {rows} rows x ({out_features}, {in_features}) is too large for 32-bit "
+                         "offsets: split x")
     kernel = impl if config is None else config.kernel
     if kernel == "gemv" and x.numel() > GEMV_MAX_M * in_features:
-        raise ValueError(f"the gemv kernel runs at most {GEMV_MAX_M} rows, got {x.numel() // in_features}")
+        raise ValueError(f"the gemv kernel runs at most {GEMV_MAX_M} rows, got {rows}")
     if kernel == "resident" and in_features > RESIDENT_MAX_K:
         raise ValueError(f"the resident kernel holds rows of <= {RESIDENT_MAX_K} values, got in_features = "
                          f"{in_features}")
