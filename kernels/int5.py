@@ -523,6 +523,8 @@ def _int5_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, i
     y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
+    if x.stride(1) != 1 and choice is not None and choice.kernel != "splitk":
+        x = x.contiguous()  # the other kernels read rows of x with unit stride
     if choice is None or choice.kernel == "splitk":
         _launch_splitk(x, packed, scales, y, out_features, in_features, leaky, choice)
     elif choice.kernel == "gemv":

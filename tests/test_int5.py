@@ -1,6 +1,6 @@
 """K3: the int5 GPU layout (lossless transcoding of the artifact bytes), the decoder, and int5_linear
-against x @ (q*s)^T in float64 for every kernel (resident, stream, splitk) and the dense comparison
-path, with and without the LeakyReLU² epilogue; ragged shapes, NaN-poisoned outputs, the TMA and
+against x @ (q*s)^T in float64 for every kernel (resident, stream, splitk, gemv) and the dense
+comparison path, with and without the LeakyReLU² epilogue; ragged shapes, NaN-poisoned outputs, the TMA and
 pointer paths; the weight is never decoded into a dense matrix (CPU: the decoder is never called;
 GPU: no allocation besides the output, at the model's shapes)."""
 import dataclasses
@@ -174,15 +174,17 @@ def test_kernels_write_every_element(kernel, rows, cols, leaky, dtype):
     assert rel_err(y, _reference(x, q, scales, "leaky_relu2" if leaky else None)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("kernel", ["resident", "stream"])
-def test_large_m_kernels_with_strided_x_and_many_programs(kernel):
-    """x as a column slice of a wider tensor (row stride not TMA-aligned: pointer loads), M tiles split
-    unevenly over the resident programs (the last program's range is clipped)."""
+@pytest.mark.parametrize("kernel", ["resident", "stream", "gemv"])
+def test_kernels_with_strided_x_and_many_programs(kernel):
+    """x as a column slice of a wider tensor (row stride not TMA-aligned: pointer loads) and as a
+    transposed view, M tiles split unevenly over the resident programs (the last range is clipped)."""
     q, scales, packed = _weight(N, K)
-    wide = torch.randn(LARGE_M, K + 3, device=DEVICE, dtype=torch.bfloat16)
+    rows = 13 if kernel == "gemv" else LARGE_M
+    wide = torch.randn(rows, K + 3, device=DEVICE, dtype=torch.bfloat16)
     x = wide[:, 1:K + 1]
-    config = _cpu_config(kernel, block_m=16, programs_per_sm=4) if CPU else None
-    for xs in (x, x.contiguous()):
+    config = _cpu_config(kernel, block_m=16, programs_per_sm=4) if CPU and kernel != "gemv" else None
+    transposed = torch.randn(K, rows, device=DEVICE, dtype=torch.bfloat16).t()
+    for xs in (x, x.contiguous(), transposed):
         y = int5_linear(xs, packed, scales, N, K, "leaky_relu2", impl=kernel, config=config)
         assert rel_err(y, _reference(xs, q, scales, "leaky_relu2")) < TOL[torch.bfloat16]
 
