@@ -1,8 +1,8 @@
 """K3: the int5 GPU layout (lossless transcoding of the artifact bytes), the decoder, and int5_linear
 against x @ (q*s)^T in float64 for every kernel (resident, stream, splitk, gemv) and the dense
-comparison path, with and without the LeakyReLU² epilogue; ragged shapes, NaN-poisoned outputs, the TMA and
-pointer paths; the weight is never decoded into a dense matrix (CPU: the decoder is never called;
-GPU: no allocation besides the output, at the model's shapes)."""
+comparison path, with and without the LeakyReLU² epilogue; ragged shapes, NaN-poisoned outputs,
+the TMA and pointer paths; the weight is never decoded into a dense matrix (CPU: the decoder is
+never called; GPU: no allocation besides the outputs, at the model's shapes)."""
 import dataclasses
 
 import pytest
