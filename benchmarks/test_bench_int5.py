@@ -1,72 +1,107 @@
-"""K3 int5 dequant-matmul on the GPU at the model's weight shapes (512x512, 256x512, 1536x512,
-512x1536) for M in {1, 16, 64, 2048, 65536} bf16 rows:
-  ours = recycore.kernels.int5_linear as the model runs it (impl="auto": the fused kernel, unpacking
-  in registers, for M <= 64; above, the matrix decoded into a transient bf16 buffer + cuBLAS);
-  ours_fused = the fused kernel at every M (M >= 2048 rows only: below it is what `ours` runs);
-  baseline = bf16 cuBLAS (F.linear) on the dequantised weights.
-For M <= 2048 one timed call is a CUDA graph of `calls` back-to-back calls, each on its own copy of
-the weight, so the weights are read from HBM (the copies of our layout add up to > 2x the L2) and
-launch overhead is not measured; ms are per graph, TB/s count the weight bytes each call reads
-(ours: 5 bits/weight + fp16 scales; baseline: 2 bytes/weight). M = 65,536 is one plain call.
+"""K3 int5 matmul on the GPU at the model's weight shapes (N x K = 512x512 Q/O, 256x512 K/V,
+1536x512 MLP up with its LeakyReLU² epilogue, 512x1536 MLP down), bf16 x, against bf16 cuBLAS on the
+dequantised weight (`torch.mm(x, w.t())`, no activation).
 
-`python benchmarks/test_bench_int5.py OUT_DIR --precompile` compiles the sweep's kernels in parallel
-processes; `python benchmarks/test_bench_int5.py OUT_DIR` sweeps the large-M tile configs and the
-small-M (split-K) variants, keeps the best, prints the ours-vs-cuBLAS table and writes OUT_DIR/k3_sweep.json.
+Every timed figure is per call, from a CUDA graph of many back-to-back calls (triton's do_bench
+median of graph replays / calls): no host launch cost is counted, as a graph-captured evaluation
+would run it.
+- Large M (2048, 16384, 65,536 rows): the graph rotates several x buffers that together exceed
+  the L2 (at 65,536 rows one x is already larger); each candidate kernel (an Int5Config) and auto.
+- Small M (1, 16 rows): "hot" = one weight called repeatedly (in L2, as during decoding with the
+  whole int5 model in L2); "cold" = distinct copies of the weight, more than 2x the L2 in total.
+
+`python benchmarks/test_bench_int5.py --table [--out DIR]` (one device command): compiles every
+candidate in parallel processes, times all candidates at all shapes, prints a compact table with the
+best candidate per shape and writes DIR/k3_table.json. `--sm90-check` (no GPU needed) compiles the
+candidates for sm_90 offline and prints registers, spills and shared memory.
 """
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench_utils import gpu_time, requires_cuda
 
 DEVICE = "cuda"
 WEIGHT_SHAPES = [(512, 512), (256, 512), (1536, 512), (512, 1536)]
-ROWS = [1, 16, 64, 2048, 65536]
-L2_BYTES = 60e6
+LARGE_ROWS = [2048, 16384, 65536]
+SMALL_ROWS = [1, 16]
+L2_BYTES = 50 * 2**20  # H200
+GRAPH_MS = 2.0  # GPU time of one captured graph (large M)
+
+
+def activation_of(N, K):
+    return "leaky_relu2" if (N, K) == (1536, 512) else None
+
+
+def candidates():
+    """The fused kernels to compare at large M (names are str(config))."""
+    from recycore.kernels.int5 import RESIDENT, STREAM, Int5Config
+
+    return [RESIDENT, dataclasses.replace(RESIDENT, num_stages=2), Int5Config("resident", 32, 128, 8, 4),
+            Int5Config("resident", 32, 64, 4, 3, programs_per_sm=2),  # two programs per SM overlap
+            STREAM, dataclasses.replace(STREAM, num_stages=3), Int5Config("stream", 256, 128, 8, 2),
+            Int5Config("stream", 128, 256, 8, 3), Int5Config("splitk", 256, 128, 8, 2, split_k=1)]
+
+
+def small_m_candidates(M):
+    """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL) and the gemv kernel's variants."""
+    from recycore.kernels.int5 import Int5Config
+
+    bm = 1 << (M - 1).bit_length()
+    return [("auto", "auto", None), ("gemv", "gemv", None), ("gemv:b2", "gemv", Int5Config("gemv", bm, 2, 4, 3)),
+            ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None)]
+
+
+def fits(config, K):
+    from recycore.kernels.int5 import RESIDENT_MAX_K
+
+    return config.kernel != "resident" or K <= RESIDENT_MAX_K
 
 
 def int5_bytes(N, K):
     return N * -(-K // 128) * 20 * 4 + 2 * N
 
 
-def make_weights(N, K, copies):
-    """`copies` distinct copies of one random int5 weight: (packed, scales, dequantised bf16)."""
+def make_weight(N, K, seed=0):
+    """A random int5 weight: (packed, scales, dequantised bf16 q * s)."""
     from recycore.kernels.int5 import pack_gpu_layout
 
-    q = torch.randint(-15, 16, (N, K), device=DEVICE)
-    scales = (torch.rand(N, device=DEVICE) * 0.02 + 0.005).half()
-    packed = pack_gpu_layout(q + 15)
-    dequantised = (q.float() * scales.float()[:, None]).bfloat16()
-    return [(packed.clone(), scales.clone(), dequantised.clone()) for _ in range(copies)]
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randint(-15, 16, (N, K), device=DEVICE, generator=g)
+    scales = (torch.rand(N, device=DEVICE, generator=g) * 0.02 + 0.005).half()
+    return pack_gpu_layout(q + 15), scales, (q.float() * scales.float()[:, None]).bfloat16()
 
 
-def weight_copies(N, K, M):
-    return 1 if M > 2048 else min(512, int(-(-2 * L2_BYTES // int5_bytes(N, K))))
+def make_xs(M, K, count):
+    return [torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for _ in range(count)]
 
 
-def make_calls(impl, weights, N, K, M, activation=None):
+def x_buffers(M, K):
+    """How many x buffers to rotate so that together they exceed 2x the L2."""
+    return max(1, min(64, math.ceil(2 * L2_BYTES / (M * K * 2))))
+
+
+def op(impl, config, weight, N, K, activation):
+    """x -> y for `impl`: "cublas" (torch.mm on the dequantised weight), or int5_linear(impl, config)."""
     from recycore.kernels import int5_linear
 
-    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
-    if impl.startswith("ours"):
-        how = "fused" if impl == "ours_fused" else "auto"
-        return [lambda p=p, s=s: int5_linear(x, p, s, N, K, activation, impl=how) for p, s, _ in weights]
-    return [lambda w=w: F.linear(x, w) for _, _, w in weights]
+    packed, scales, dense = weight
+    if impl == "cublas":
+        return lambda x: torch.mm(x, dense.t())
+    return lambda x: int5_linear(x, packed, scales, N, K, activation, impl=impl, config=config)
 
 
-def as_one_fn(calls):
-    """The calls as one function: a CUDA graph replaying them back to back, or the single call."""
-    if len(calls) == 1:
-        return calls[0]
+def graph_of(calls):
+    """The calls as one CUDA graph replay (warm-up on a side stream first: compiles, allocator pools)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph: compiles, allocator pools
+    with torch.cuda.stream(stream):
         for call in calls:
             call()
     torch.cuda.current_stream().wait_stream(stream)
@@ -77,154 +112,237 @@ def as_one_fn(calls):
     return graph.replay
 
 
+def large_m_calls(fn, xs, M, N, K):
+    """Back-to-back calls rotating the x buffers, about GRAPH_MS of GPU time at 500 TFLOP/s."""
+    per_call_ms = 2 * M * N * K / 500e12 * 1e3
+    n = max(len(xs), min(256, round(GRAPH_MS / per_call_ms)))
+    return [lambda x=xs[i % len(xs)]: fn(x) for i in range(n)]
+
+
+def small_m_calls(impl, N, K, M, mode, count=256, config=None):
+    """hot: one weight `count` times; cold: distinct weight copies (> 2x L2 of our layout) in turn."""
+    copies = 1 if mode == "hot" else min(count, math.ceil(2 * L2_BYTES / int5_bytes(N, K)))
+    weights = [make_weight(N, K, seed=i) for i in range(copies)]
+    x = make_xs(M, K, 1)[0]
+    fns = [op(impl, config, w, N, K, None if impl == "cublas" else activation_of(N, K)) for w in weights]
+    return [lambda f=fns[i % copies]: f(x) for i in range(count)]
+
+
+def time_calls(calls, quick=False):
+    """ms per call of the calls captured as one graph (do_bench median)."""
+    from triton.testing import do_bench
+
+    replay = graph_of(calls)
+    replay()
+    torch.cuda.synchronize()
+    return do_bench(replay, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median") / len(calls)
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest-benchmark
+# ----------------------------------------------------------------------------------------------
 @requires_cuda
-@pytest.mark.parametrize("impl", ["ours", "ours_fused", "cublas_bf16"])
-@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("impl", ["auto", "resident", "stream", "dequant", "cublas"])
+@pytest.mark.parametrize("M", LARGE_ROWS)
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_bench_int5(benchmark, shape, M, impl):
+def test_bench_int5_large_m(benchmark, shape, M, impl):
     N, K = shape
-    if impl == "ours_fused" and M < 2048:
-        pytest.skip("below 2048 rows `ours` is the fused kernel")
+    if impl == "resident" and K > 512:
+        pytest.skip("rows of > 512 values do not fit the resident kernel")
     torch.manual_seed(0)
-    calls = make_calls(impl, make_weights(N, K, weight_copies(N, K, M)), N, K, M)
-    weight_bytes = 2 * N * K if impl == "cublas_bf16" else int5_bytes(N, K)
-    gpu_time(benchmark, as_one_fn(calls), group=f"K3 int5 {N}x{K} M={M}", label=impl,
-             flops=2 * M * N * K * len(calls), bytes_moved=weight_bytes * len(calls), calls=len(calls),
-             baseline=impl == "cublas_bf16")
+    weight, xs = make_weight(N, K), make_xs(M, K, x_buffers(M, K))
+    activation = None if impl == "cublas" else activation_of(N, K)
+    calls = large_m_calls(op(impl, None, weight, N, K, activation), xs, M, N, K)
+    baseline_ms = time_calls(large_m_calls(op("cublas", None, weight, N, K, None), xs, M, N, K), quick=True)
+    replay = graph_of(calls)
+    ms = gpu_time(benchmark, replay, group=f"K3 int5 {N}x{K} M={M}", label=impl, flops=2 * M * N * K * len(calls),
+                  calls=len(calls), activation=activation or "none", baseline=impl == "cublas") / len(calls)
+    benchmark.extra_info.update(ms_per_call=ms, tflops_per_call=2 * M * N * K / ms / 1e9,
+                                speedup_vs_cublas=baseline_ms / ms, cublas_ms_per_call=baseline_ms)
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["auto", "gemv", "cublas"])
+@pytest.mark.parametrize("mode", ["hot", "cold"])
+@pytest.mark.parametrize("M", SMALL_ROWS)
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bench_int5_small_m(benchmark, shape, M, mode, impl):
+    N, K = shape
+    torch.manual_seed(0)
+    calls = small_m_calls(impl, N, K, M, mode)
+    baseline_ms = time_calls(small_m_calls("cublas", N, K, M, mode), quick=True)
+    replay = graph_of(calls)
+    ms = gpu_time(benchmark, replay, group=f"K3 int5 {N}x{K} M={M} {mode}", label=impl, calls=len(calls),
+                  flops=2 * M * N * K * len(calls), baseline=impl == "cublas") / len(calls)
+    benchmark.extra_info.update(us_per_call=ms * 1e3, speedup_vs_cublas=baseline_ms / ms,
+                                cublas_us_per_call=baseline_ms * 1e3)
 
 
 # ----------------------------------------------------------------------------------------------
-# Sweep (one GPU call): large-M tile configs, small-M split-K variants, then the table -> JSON
+# --table: every candidate at every shape, one device command
 # ----------------------------------------------------------------------------------------------
-def _large_m_configs():
-    from recycore.kernels.gemm import GemmConfig
-
-    # block_n = weight rows = the MMA's M side (64 per warpgroup); 256-row tiles at 3 stages do not fit.
-    return [GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 8, 2), GemmConfig(64, 128, 128, 8, 8, 3),
-            GemmConfig(128, 64, 128, 8, 4, 3), GemmConfig(256, 128, 128, 8, 8, 2), GemmConfig(128, 256, 128, 8, 8, 3)]
-
-
-SMALL_M_VARIANTS = [(block_n, programs) for block_n in (16, 32, 64) for programs in (0, 2, 4)]
-
-
-def _configure(large=None, small=None):
-    from recycore.kernels import int5
-
-    if large is not None:
-        int5.LARGE_M_CONFIG = large
-    if small is not None:
-        int5.SMALL_M_BLOCK_N, int5.SMALL_M_PROGRAMS_PER_SM = small
+def _table_cases():
+    """(impl, config list or None, N, K, M, activation) of every fused call the table makes."""
+    cases = []
+    for N, K in WEIGHT_SHAPES:
+        act = activation_of(N, K)
+        for M in LARGE_ROWS:
+            cases += [(c.kernel, c.as_list(), N, K, M, act) for c in candidates() if fits(c, K)]
+            cases += [("auto", None, N, K, M, act), ("dequant", None, N, K, M, act)]
+        cases += [(impl, None if c is None else c.as_list(), N, K, M, act)
+                  for M in SMALL_ROWS for _, impl, c in small_m_candidates(M)]
+    return cases
 
 
-def _k3_worker(cases):
-    """Runs int5_linear once per (large config | small variant, M, N, K, activation) case."""
+def _compile_worker(cases):
+    """Runs each case once (fills Triton's on-disk cache for the timing process)."""
+    from recycore.kernels.int5 import Int5Config
+
     errors = []
-    for large, small, M, N, K, activation in cases:
+    for impl, config, N, K, M, act in cases:
         try:
-            _configure(large, small)
-            (call,) = make_calls("ours_fused", make_weights(N, K, 1), N, K, M, activation)
-            call()
-        except Exception as exc:
-            errors.append(f"{large} {small} M={M}: {type(exc).__name__}: {str(exc)[:160]}")
+            weight = make_weight(N, K)
+            op(impl, None if config is None else Int5Config.from_list(config), weight, N, K, act)(
+                make_xs(M, K, 1)[0])
+        except Exception as exc:  # the timing pass reports it again
+            errors.append(f"{impl} {config} {N}x{K} M={M}: {type(exc).__name__}: {str(exc)[:200]}")
     torch.cuda.synchronize()
     return errors
 
 
-def _total(times):
-    """Sum of timings; a failed one (an error string) disqualifies."""
-    return sum(t if isinstance(t, float) else float("inf") for t in times)
+def precompile(cases, processes=8):
+    import multiprocessing
+
+    chunks = [cases[i::processes] for i in range(processes) if cases[i::processes]]
+    with multiprocessing.get_context("spawn").Pool(len(chunks)) as pool:
+        return [e for errors in pool.map(_compile_worker, chunks) for e in errors]
 
 
-def _ms(fn):
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    return do_bench(fn, warmup=5, rep=60, return_mode="median")
-
-
-def precompile_sweep(out_dir):
-    from test_bench_mlp import precompile
-
-    os.makedirs(out_dir, exist_ok=True)
-    # Binaries depend on M == 1 and the block/split/activation constexprs, not on N and K here.
-    cases = [(c, None, 256, 512, 512, act) for c in _large_m_configs() for act in (None, "leaky_relu2")]
-    cases += [(None, v, M, 1536, 512, None) for v in SMALL_M_VARIANTS for M in (1, 16, 64)]
-    start = time.perf_counter()
-    errors = precompile(_k3_worker, cases)
-    with open(os.path.join(out_dir, "k3_precompile.json"), "w") as f:
-        json.dump({"cases": len(cases), "seconds": time.perf_counter() - start, "errors": errors}, f, indent=1)
-    print(f"K3: precompiled {len(cases)} cases in {time.perf_counter() - start:.1f} s", errors, flush=True)
-
-
-def sweep(out_dir):
+def table(out_dir=None):
     import triton
 
-    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    errors = precompile(_table_cases())
+    print(f"compiled in {time.perf_counter() - start:.0f} s; errors: {errors}", flush=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "large_m": {}, "small_m": {}, "table": []}
-
-    def dump():
-        with open(os.path.join(out_dir, "k3_sweep.json"), "w") as f:
-            json.dump(report, f, indent=1, default=str)
-
+              "large_m": [], "small_m": [], "compile_errors": errors}
+    names = [str(c) for c in candidates()]
+    print(f"\n{report['gpu']}, torch {report['torch']}, triton {report['triton']}: per call, CUDA graphs; "
+          "ratio = cuBLAS ms / ours (>= 1: ours faster); ours with the model's activation (up: LeakyReLU²)")
+    print(f"{'shape':9s} {'M':>6s} {'cuBLAS ms':>10s} {'TFLOP/s':>7s} {'auto':>5s} {'deq':>5s} "
+          + " ".join(f"c{i}" .rjust(5) for i in range(len(names))))
     torch.manual_seed(0)
-    weights = {(N, K, M): make_weights(N, K, weight_copies(N, K, M)) for N, K in WEIGHT_SHAPES for M in (1, 65536)}
-    for c in _large_m_configs():
-        _configure(large=c)
-        for N, K in WEIGHT_SHAPES:
-            key = f"{c} {N}x{K}"
-            try:
-                report["large_m"][key] = _ms(as_one_fn(make_calls("ours_fused", weights[N, K, 65536], N, K, 65536)))
-            except Exception as exc:
-                report["large_m"][key] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
-            print(f"large M {key:80s} {report['large_m'][key]}", flush=True)
-    dump()
-    best_large = min(_large_m_configs(),
-                     key=lambda c: _total(report["large_m"][f"{c} {N}x{K}"] for N, K in WEIGHT_SHAPES))
-
-    for variant in SMALL_M_VARIANTS:
-        _configure(small=variant)
-        for M in (1, 16):
-            for N, K in WEIGHT_SHAPES:
-                calls = make_calls("ours", weights[N, K, 1], N, K, M)
-                key = f"block_n={variant[0]} programs/SM={variant[1]} M={M} {N}x{K}"
-                try:
-                    report["small_m"][key] = _ms(as_one_fn(calls)) / len(calls)
-                except Exception as exc:
-                    report["small_m"][key] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
-                print(f"small M {key:60s} {report['small_m'][key]}", flush=True)
-    dump()
-    best_small = min(SMALL_M_VARIANTS, key=lambda v: _total(
-        report["small_m"][f"block_n={v[0]} programs/SM={v[1]} M={M} {N}x{K}"]
-        for M in (1, 16) for N, K in WEIGHT_SHAPES))
-    report["chosen"] = {"large_m": dataclasses.asdict(best_large), "small_m": best_small}
-    _configure(best_large, best_small)
-    print("chosen:", report["chosen"], flush=True)
-
-    print(f"\n{'shape':10s} {'M':>6s} {'calls':>5s} {'ours ms/call':>13s} {'cuBLAS ms/call':>15s} {'speedup':>8s} "
-          f"{'ours TB/s':>10s} {'cuBLAS TB/s':>12s}")
     for N, K in WEIGHT_SHAPES:
-        for M in ROWS:
-            weights = make_weights(N, K, weight_copies(N, K, M))
-            row = {"shape": f"{N}x{K}", "M": M, "calls": len(weights)}
-            for impl, nbytes in (("ours", int5_bytes(N, K)), ("cublas_bf16", 2 * N * K)):
-                calls = make_calls(impl, weights, N, K, M)
-                row[f"{impl}_ms"] = _ms(as_one_fn(calls)) / len(calls)
-                row[f"{impl}_tbps"] = nbytes / row[f"{impl}_ms"] / 1e9
-            row["speedup"] = row["cublas_bf16_ms"] / row["ours_ms"]
-            report["table"].append(row)
-            dump()
-            print(f"{row['shape']:10s} {M:6d} {row['calls']:5d} {row['ours_ms']:13.5f} {row['cublas_bf16_ms']:15.5f} "
-                  f"{row['speedup']:7.2f}x {row['ours_tbps']:10.2f} {row['cublas_bf16_tbps']:12.2f}", flush=True)
+        act = activation_of(N, K)
+        weight = make_weight(N, K)
+        for M in LARGE_ROWS:
+            xs = make_xs(M, K, x_buffers(M, K))
+            row = {"shape": f"{N}x{K}", "M": M, "activation": act or "none", "ms": {}}
+
+            def run(name, impl, config, activation):
+                try:
+                    row["ms"][name] = time_calls(large_m_calls(op(impl, config, weight, N, K, activation), xs, M, N, K))
+                except Exception as exc:
+                    row["ms"][name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+
+            run("cublas", "cublas", None, None)
+            run("auto", "auto", None, act)
+            run("dequant", "dequant", None, act)
+            for config in candidates():
+                if fits(config, K):
+                    run(str(config), config.kernel, config, act)
+            base = row["ms"]["cublas"]
+            row["ratio"] = {k: base / v for k, v in row["ms"].items() if isinstance(v, float)}
+            report["large_m"].append(row)
+            cells = [f"{row['ratio'][k]:5.2f}" if k in row["ratio"] else ("  err" if k in row["ms"] else "    -")
+                     for k in ["auto", "dequant", *names]]
+            print(f"{N}x{K:<5d} {M:6d} {base:10.4f} {2 * M * N * K / base / 1e9:7.0f} " + " ".join(cells), flush=True)
+            del xs
+    print("candidates: " + "; ".join(f"c{i} = {n}" for i, n in enumerate(names)))
+    best = []
+    for r in report["large_m"]:
+        ratios = {k: v for k, v in r["ratio"].items() if k in names}
+        if r["M"] == 65536 and ratios:
+            name = max(ratios, key=ratios.get)
+            best.append(f"{r['shape']}: {name} {ratios[name]:.2f}x")
+    report["best_at_65536"] = best
+    print("best at M = 65,536: " + "; ".join(best))
+    small_names = [name for name, _, _ in small_m_candidates(1)]
+    print(f"\n{'shape':9s} {'M':>3s} {'mode':4s} {'cuBLAS us':>9s} " + " ".join(n.rjust(9) for n in small_names)
+          + "   (ratio = cuBLAS us / ours)")
+    for N, K in WEIGHT_SHAPES:
+        for M in SMALL_ROWS:
+            for mode in ("hot", "cold"):
+                base = time_calls(small_m_calls("cublas", N, K, M, mode))
+                row = {"shape": f"{N}x{K}", "M": M, "mode": mode, "cublas_us": base * 1e3, "us": {}, "ratio": {}}
+                for name, impl, config in small_m_candidates(M):
+                    try:
+                        ours = time_calls(small_m_calls(impl, N, K, M, mode, config=config))
+                        row["us"][name], row["ratio"][name] = ours * 1e3, base / ours
+                    except Exception as exc:
+                        row["us"][name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                report["small_m"].append(row)
+                cells = [f"{row['ratio'][n]:8.2f}x" if n in row["ratio"] else "      err" for n in small_names]
+                print(f"{N}x{K:<5d} {M:3d} {mode:4s} {base * 1e3:9.2f} " + " ".join(cells), flush=True)
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "k3_table.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def sm90_check():
+    """Offline sm_90 compile of each candidate (no GPU): registers, spill bytes, shared memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from recycore.kernels import int5
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for config in candidates():
+        if config.kernel == "splitk":
+            continue
+        for act in (0, 1):
+            kp = 512 if config.kernel == "resident" else 128
+            sig = {"x_desc": f"tensordesc<bf16[{config.block_m},{kp}]>", "x_ptr": "*bf16", "w_ptr": "*i32",
+                   "scale_ptr": "*fp16", "y_desc": f"tensordesc<bf16[{config.block_m},{config.block_n}]>",
+                   "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                   "tiles_per_program": "i32"}
+            consts = dict(ACT=act, TMA_X=True, TMA_Y=True, UPCAST=False, DOT_PRECISION="tf32",
+                          BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+            if config.kernel == "resident":
+                fn, consts["GROUPS"] = int5._int5_resident_kernel, 4
+            else:
+                fn, consts["GROUP_M"] = int5._int5_stream_kernel, config.group_m
+            signature = {n: ("constexpr" if n in consts else sig[n]) for n in fn.arg_names}
+            div16 = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+                     for n in ("x_ptr", "w_ptr", "scale_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn")}
+            kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=div16),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name],
+                                       capture_output=True, text=True).stdout
+            regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            print(f"{str(config):32s} act={act} regs={regs[1]} stack={regs[2]} smem={kernel.metadata.shared}"
+                  f" (limit 232448)", flush=True)
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
-    if "--precompile" in sys.argv:
-        precompile_sweep(out)
+    if "--sm90-check" in sys.argv:
+        sm90_check()
+    elif "--table" in sys.argv:
+        out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+        table(out)
     else:
-        sweep(out)
+        print(__doc__)
 
 
 # ----------------------------------------------------------------------------------------------

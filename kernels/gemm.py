@@ -30,13 +30,15 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
 
 INT5 layout (what `int5.py` transcodes the artifact into, once at load time): per weight row, the
 values u = q + 15 in [0, 30] are taken in groups of INT5_GROUP = 128 along K (the row is padded with
-u = 15, i.e. q = 0, to a multiple of 128); a group is 20 int32 words, 5 bits per value:
-- words 0..15 ("nibble words"): word r holds the low 4 bits of value 16*s + r in bits 4s..4s+3,
-  s = 0..7;
-- words 16..19 ("high words"): word 16 + r // 4 holds bit 4 of value 16*s + r at bit 8*(r % 4) + s.
-This puts value 16*s + r at index (s, r) of an (8, 16) grid whose 16 word loads broadcast over s, so
-the unpack is a few shifts/masks per value and a reshape, with no gathers. u is turned into bf16 by
-OR-ing it into the mantissa of 128.0 (bf16 0x4300) and subtracting 143: exact for u in [0, 31].
+u = 15, i.e. q = 0, to a multiple of 128); a group is 20 int32 words, 5 bits per value, laid out for
+the MMA's register operand: value k = 8i + 2c + e of a group (pair i = 0..15, lane class c = 0..3,
+e = 0..1) is held by the thread of lane class c next to its pair partner (kWidth = 2), so
+- class c's 16 pairs live in its own five words, t = 0..3 -> word 4c + t, t = 4 -> word 16 + c;
+- pair i < 15 sits in word t = i // 3, value e = 0 at bits 5(i % 3)..+4 and e = 1 sixteen bits higher;
+- pair 15 takes the spare bits: bit t of its e = 0 / e = 1 value is bit 15 / bit 31 of word t.
+A pair is then unpacked with one shift and one mask (0x001F001F) into the two 16-bit halves of a
+register, and OR-ing 0x43004300 turns it into two bf16 128 + u (exact for u in [0, 31]); subtracting
+143 gives q. The word loads are one 16-byte vector and one 4-byte load per class, no gathers.
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,15 +134,27 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _load_int5_tile(b_ptr, offs_n, mask_n, k0, stride_bn, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """The (BLOCK_N, INT5_GROUP) tile of q = u - 15 for k in [k0, k0 + 128), in bf16 (fp32 under
     UPCAST); weight row n starts at b_ptr + n * stride_bn (see the module doc for the layout)."""
-    r = tl.arange(0, 16)
-    group = b_ptr + offs_n[:, None] * stride_bn + (k0 // 128) * 20  # (BLOCK_N, 1)
-    nibbles = tl.load(group + r[None, :], mask=mask_n[:, None], other=0)  # (BLOCK_N, 16)
-    high = tl.load(group + 16 + r[None, :] // 4, mask=mask_n[:, None], other=0)
-    high = high >> ((r[None, :] % 4) * 8)  # bit s of `high` is now bit 4 of value 16*s + r
-    s = tl.arange(0, 8)[None, :, None]
-    u = ((nibbles[:, None, :] >> (s * 4)) & 15) | (((high[:, None, :] >> s) & 1) << 4)  # (BLOCK_N, 8, 16)
-    u = tl.reshape(u, (BLOCK_N, 128))  # column 16*s + r: value k0 + 16*s + r
-    q = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # bf16 128 + u, exact
+    group = b_ptr + offs_n[:, None, None] * stride_bn + (k0 // 128) * 20
+    c = tl.arange(0, 4)[None, :, None]
+    mask = mask_n[:, None, None]
+    w4 = tl.load(group + 4 * c + tl.arange(0, 4)[None, None, :], mask=mask, other=0)  # (BLOCK_N, c, t)
+    w_4 = tl.reshape(tl.load(group + 16 + c, mask=mask, other=0), (BLOCK_N, 4))[:, None, :]
+    even, odd = tl.split(tl.reshape(w4, (BLOCK_N, 4, 2, 2)))  # words t = 0, 2 and t = 1, 3
+    w_0, w_2 = tl.split(even)
+    w_1, w_3 = tl.split(odd)
+    w_0 = w_0[:, None, :]  # (BLOCK_N, 1, c), broadcast over the pairs i
+    w_1 = w_1[:, None, :]
+    w_2 = w_2[:, None, :]
+    w_3 = w_3[:, None, :]
+    i = tl.arange(0, 16)[None, :, None]
+    t = i // 3  # a per-register constant in the operand layout: the selects fold away
+    word = tl.where(t == 0, w_0, tl.where(t == 1, w_1, tl.where(t == 2, w_2, tl.where(t == 3, w_3, w_4))))
+    pair = (word >> (5 * (i % 3))) & 0x001F001F
+    spare = (((w_0 >> 15) & 0x00010001) | ((w_1 >> 14) & 0x00020002) | ((w_2 >> 13) & 0x00040004)
+             | ((w_3 >> 12) & 0x00080008) | ((w_4 >> 11) & 0x00100010))
+    pair = tl.where(i == 15, spare, pair) | 0x43004300  # two bf16 128 + u
+    u = tl.join(pair.to(tl.int16), (pair >> 16).to(tl.int16))  # (BLOCK_N, i, c, e)
+    q = tl.reshape(u, (BLOCK_N, 128)).to(tl.bfloat16, bitcast=True)  # column 8i + 2c + e
     if UPCAST:
         return q.to(tl.float32) - 143.0
     return q - 143.0

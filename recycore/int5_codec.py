@@ -35,9 +35,10 @@ def unpack_codes(packed: Tensor, numel: int) -> Tensor:
     """The first `numel` codes u in [0, 30] (int64, on packed's device); ArtifactError when the byte
     count does not fit `numel` or a code is above 30."""
     expected = packed_size(numel)
-    if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != expected:
-        raise ArtifactError(f"int5 data of {numel} values must be {expected} uint8 bytes, "
-                            f"got {packed.numel()} of {packed.dtype}")
+    if packed.dtype != torch.uint8 or packed.ndim != 1:
+        raise ArtifactError(f"int5 data must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.numel() != expected:
+        raise ArtifactError(f"int5 data of {numel} values must be {expected} uint8 bytes, got {packed.numel()}")
     shifts = _BYTE_SHIFTS.to(packed.device)
     words = (packed.to(torch.int64).view(-1, 5) << shifts).sum(dim=1)
     codes = ((words[:, None] >> _VALUE_SHIFTS.to(packed.device)) & 0x1F).flatten()[:numel]

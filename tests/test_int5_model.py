@@ -8,6 +8,7 @@ from helpers import DEVICE, rel_err, write_raw_artifact
 
 from recycore import artifact, int5_model, ops, quant
 from recycore.config import Config
+from recycore.int5_codec import pack_int5
 from recycore.banks import BANK_NAMES
 from recycore.int5_model import DenseMatrix, Int5GPT, load_int5_model, weight_bytes
 from recycore.kernels.int5 import Int5Linear
@@ -145,7 +146,7 @@ def test_weight_bytes_is_five_bits_per_weight_plus_row_padding(loaded):
 
 def test_packed_weight_is_exactly_five_bits_on_whole_groups():
     q = torch.randint(-15, 16, (6, 256), dtype=torch.int8)
-    weight = Int5Linear.from_artifact(quant.pack_int5(q), torch.rand(6).half() + 0.1, (6, 256))
+    weight = Int5Linear.from_artifact(pack_int5(q), torch.rand(6).half() + 0.1, (6, 256))
     assert weight.packed.numel() * 32 == 5 * q.numel()
     assert {name for name, _ in weight.named_buffers()} == {"packed", "scales"}
     moved = torch.nn.Sequential(weight).to("meta")  # buffers: .to(device) moves them
@@ -192,12 +193,48 @@ def _short_scale(w, key):
     w[key] = w[key][:-1]
 
 
+def _extend(w, key):
+    w[key] = torch.cat([w[key], w[key][:5]])
+
+
+def _last_code_31(w, key):
+    w[key] = w[key].clone()
+    w[key][-1] |= 0xF8  # value 7 of the last 40-bit word: 408 * 272 values fill whole words
+
+
+def _as_int8(w, key):
+    w[key] = w[key].to(torch.int8)
+
+
+def _as_2d(w, key):
+    w[key] = w[key].view(5, -1)
+
+
+def _long_scale(w, key):
+    w[key] = torch.cat([w[key], w[key][:1]])
+
+
+def _column_scale(w, key):
+    w[key] = w[key][:, None]
+
+
+def _int_scale(w, key):
+    w[key] = torch.ones(w[key].shape, dtype=torch.int16)
+
+
 @pytest.mark.parametrize("suffix, corrupt, message", [
     (".q", _drop, r"lacks tensor blocks\.0\.mlp\.fc\.weight\.q"),
     (".q", _truncate, r"blocks\.0\.mlp\.fc\.weight: int5 data .* must be \d+ uint8 bytes"),
+    (".q", _extend, r"blocks\.0\.mlp\.fc\.weight: int5 data .* must be 69360 uint8 bytes, got 69365"),
     (".q", _code_31, r"blocks\.0\.mlp\.fc\.weight: .*code 31"),
+    (".q", _last_code_31, r"blocks\.0\.mlp\.fc\.weight: .*code 31"),
+    (".q", _as_int8, r"blocks\.0\.mlp\.fc\.weight: .*1-D uint8"),
+    (".q", _as_2d, r"blocks\.0\.mlp\.fc\.weight: .*1-D uint8"),
     (".shape", _reshape, r"blocks\.0\.mlp\.fc\.weight has shape \(272, 271\) .* expects \(408, 272\)"),
     (".scale", _short_scale, r"blocks\.0\.mlp\.fc\.weight\.scale must hold 408"),
+    (".scale", _long_scale, r"blocks\.0\.mlp\.fc\.weight\.scale must hold 408 .* shape \(409,\)"),
+    (".scale", _column_scale, r"blocks\.0\.mlp\.fc\.weight\.scale must hold 408 .* shape \(408, 1\)"),
+    (".scale", _int_scale, r"blocks\.0\.mlp\.fc\.weight\.scale must hold 408 float scales"),
 ])
 def test_corrupt_int5_matrix_is_a_clear_error(exported, tmp_path, suffix, corrupt, message):
     obj = artifact.read_artifact(exported)
@@ -239,3 +276,58 @@ def test_int5_matmuls_follow_autocast(loaded):
         assert y.dtype == mlp.dtype == torch.bfloat16 and dtypes == [torch.bfloat16] * 3
         dtypes.clear()
         assert ops.linear(x, fc).dtype == torch.float32 and dtypes == [torch.float32]  # no autocast: as given
+
+
+# ---------------------------------------------------------------------------
+# The weights are never expanded
+# ---------------------------------------------------------------------------
+def _count_decoder_calls(mp):
+    """Wrap K3's decoder (the only code that turns packed words into a dense matrix) to count calls."""
+    from recycore.kernels import int5 as int5_kernels
+
+    calls = []
+    real = int5_kernels._dequantize
+    mp.setattr(int5_kernels, "_dequantize", lambda *args: calls.append(args[2:4]) or real(*args))
+    mp.setattr(int5_kernels, "dequantize", lambda *args, **kw: calls.append(args[2:4]) or real(*args[:4]))
+    return calls
+
+
+@pytest.mark.parametrize("rows", [32, 65])  # the small-M and the large-M kernels
+def test_forward_never_decodes_a_packed_matrix(loaded, rows):
+    model = loaded[0]
+    ids = torch.randint(0, CFG.vocab_size, (1, rows), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        calls = _count_decoder_calls(mp)
+        logits = model.forward_logits(ids)
+    assert calls == [] and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch, seq", [(32, 2048), (1, 32)], ids=["65536_rows", "32_rows"])
+def test_gpu_eval_makes_no_dense_weight(loaded, batch, seq):
+    """The int5-direct evaluation forward (autocast bf16, as `recycore eval` runs it) at 65,536 and
+    at 32 rows: the decoder is never called and no allocation has the size of a packed matrix in
+    bf16 or fp32 (the caching allocator's sizes, from a memory-history snapshot)."""
+    model = loaded[0]
+    ids = torch.randint(0, CFG.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model.forward_logits(ids)
+
+    forward()  # compile outside the recorded region
+    torch.cuda.synchronize()
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_decoder_calls(mp)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        try:
+            logits = forward()
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+    assert calls == [] and torch.isfinite(logits.float()).all()
+    sizes = {e["size"] for trace in snapshot["device_traces"] for e in trace if e["action"] == "alloc"}
+    packed = [p for p in model.modules() if isinstance(p, Int5Linear)]
+    dense = {-(-p.out_features * p.in_features * b // 512) * 512 for p in packed for b in (2, 4)}
+    assert sizes and not dense & {-(-n // 512) * 512 for n in sizes}
