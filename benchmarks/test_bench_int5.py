@@ -90,7 +90,7 @@ def test_bench_int5(benchmark, shape, M, impl):
     weight_bytes = 2 * N * K if impl == "cublas_bf16" else int5_bytes(N, K)
     gpu_time(benchmark, as_one_fn(calls), group=f"K3 int5 {N}x{K} M={M}", label=impl,
              flops=2 * M * N * K * len(calls), bytes_moved=weight_bytes * len(calls), calls=len(calls),
-             baseline=impl == "cublas_bf16")
+             baseline=impl == "cublas_bf16", benchmark="K3 int5 matmul", shape=f"{N}x{K} M={M}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +274,8 @@ def test_bench_eval_throughput(benchmark, seed_artifact, path):
             token_nll(logits_fn, x, y)
 
     ms = gpu_time(benchmark, batch, group=f"eval batch ({cfg.eval_batch_seqs}x{cfg.eval_seq_len}, seed model)",
-                  label=path, baseline=path == "dequantised", weight_bytes=weight_bytes(model)["total"])
+                  label=path, baseline=path == "dequantised", weight_bytes=weight_bytes(model)["total"],
+                  benchmark="eval batch", shape=f"{cfg.eval_batch_seqs}x{cfg.eval_seq_len}, seed model")
     windows_per_s = cfg.eval_batch_seqs / ms * 1e3
     benchmark.extra_info.update(windows_per_s=windows_per_s, tokens_per_s=windows_per_s * cfg.eval_seq_len,
                                 scored_tokens_per_s=windows_per_s * cfg.eval_stride)
