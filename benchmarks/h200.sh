@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device call = one run of this script: `bash benchmarks/h200.sh STAGE...` from the repo root.
 # Stages: see the case below. Everything logs to $OUT/all.log; a summary prints last.
+# The figures of every stage also land as rows of the results history in $OUT/results_new.jsonl; back
+# home, `python3 benchmarks/report.py --append results_new.jsonl` adds them to benchmarks/results.jsonl.
+# COMMIT=<short sha> names the code that ran (a snapshot without .git cannot tell; default: git, else
+# unknown); RUN_ID (default: the start time) groups the call's rows, which are compared only among themselves.
 # On a machine with several GPUs, `bash benchmarks/h200.sh parallel 0=STAGE,STAGE 1=STAGE ...` runs
 # each list on its own GPU at once (CUDA_VISIBLE_DEVICES=N, output under $OUT/gpuN), with env
 # assignments allowed in a list (`1=KERNELS=reference,train`).
@@ -11,6 +15,9 @@
 set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+COMMIT=${COMMIT:-$(git -C "$R" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+RUN_ID=${RUN_ID:-$(date -u +%Y-%m-%dT%H:%M:%S)}
+export COMMIT RUN_ID  # the per-GPU lists of `parallel` share them
 if [ "${1:-}" = parallel ]; then
   # Only 8 files come back from a device call: everything is gathered into $OUT/results.tgz.
   shift
@@ -24,6 +31,8 @@ if [ "${1:-}" = parallel ]; then
   done
   wait
   for spec in "$@"; do echo "=== gpu ${spec%%=*}: ${spec#*=}"; sed -n '/^=== summary/,$p' "$STAGING/gpu${spec%%=*}.log"; done
+  find "$STAGING" -name results_new.jsonl -exec cat {} + > "$OUT/results_new.jsonl"
+  [ -s "$OUT/results_new.jsonl" ] || rm -f "$OUT/results_new.jsonl"
   tar czf "$OUT/results.tgz" -C "$STAGING" . && ls -la "$OUT"
   exit 0
 fi
@@ -33,7 +42,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$R/.cache/inductor}
 # *.best_config) while the compiled cache is GBs: they come back as $OUT/inductor_autotune.tgz and, carried
 # as .cache/inductor_autotune.tgz, seed the next machine's cache, which then skips the benchmarking
 # (the bulk of a max-autotune compile) but still compiles. Without a carried one, the committed
-# benchmarks/results/h200_inductor_autotune.tgz seeds it (recycore.bench.seed_inductor_cache);
+# benchmarks/h200_inductor_autotune.tgz seeds it (recycore.bench.seed_inductor_cache);
 # RECYCORE_AUTOTUNE_ARCHIVE=none autotunes from scratch.
 [ -f "$R/.cache/inductor_autotune.tgz" ] && export RECYCORE_AUTOTUNE_ARCHIVE=${RECYCORE_AUTOTUNE_ARCHIVE:-$R/.cache/inductor_autotune.tgz}
 pack_autotune() {
@@ -58,6 +67,14 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   return "$rc"
 }
 python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)" | tee -a "$LOG"
+read -r TORCH_V TRITON_V GPU_NAME < <(python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())")
+record() {  # record SOURCE FILE [report.py options]: FILE's figures as rows of $OUT/results_new.jsonl
+  local source=$1 file=$2; shift 2
+  [ -f "$file" ] || return 0
+  python3 "$R/benchmarks/report.py" --import-pytest-benchmark "$file" --out "$OUT/results_new.jsonl" \
+    --commit "$COMMIT" --run "$RUN_ID" --source "$source" --gpu "$GPU_NAME" --torch "$TORCH_V" --triton "$TRITON_V" \
+    "$@" 2>&1 | tee -a "$LOG"
+}
 python3 -c "from recycore.bench import seed_inductor_cache; seed_inductor_cache()" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
 mat_warm() {
@@ -75,19 +92,21 @@ for s in "$@"; do
     # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
     # TORCHINDUCTOR_CACHE_DIR (point it outside the repo to keep it across calls on a warm machine)
     matwarm) mat_warm ;;
-    # whole-model micro-step (48 x 2048, fwd+bwd): reference compiled vs triton, with the profile of each
+    # whole-model micro-step (48 x 2048, fwd+bwd): reference compiled vs fused, with the profile of each
     # (RECYCORE_BENCH_PATHS picks the paths; with reference-max-autotune in it, matwarm runs first and
     # the benchmark reuses its cache; if that does not finish, the path is dropped)
-    model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,triton}; paths=${paths//+/,}
+    model) paths=${RECYCORE_BENCH_PATHS:-reference-compiled,fused}; paths=${paths//+/,}
            if [[ $paths == *max-autotune* && ${MAT_WARM:-1} != 0 ]]; then
              mat_warm || paths=$(echo "$paths" | sed 's/reference-max-autotune,\?//; s/,$//')
            fi
            RECYCORE_BENCH_PATHS=$paths stage model "${MODEL_LIMIT:-260}" python3 -m pytest -q -s -p no:cacheprovider \
-             "$R/benchmarks/test_bench_model.py" --benchmark-json="$OUT/model.json" ;;
+             "$R/benchmarks/test_bench_model.py" --benchmark-json="$OUT/model.json"
+           record "RECYCORE_BENCH_PATHS=$paths bash benchmarks/h200.sh model" "$OUT/model.json" ;;
     # per-kernel benchmarks (BENCH_FILES: which of K1 mlp, K2 attention, K3 int5), pytest-benchmark JSON
     suite) files=(); for k in ${BENCH_FILES:-mlp attention int5}; do files+=("$R/benchmarks/test_bench_$k.py"); done
            stage suite "${SUITE_LIMIT:-500}" python3 -m pytest -q -s -p no:cacheprovider "${files[@]}" \
-             --benchmark-json="$OUT/suite.json" ;;
+             --benchmark-json="$OUT/suite.json"
+           record "BENCH_FILES='${BENCH_FILES:-mlp attention int5}' bash benchmarks/h200.sh suite" "$OUT/suite.json" ;;
     # K1: every GEMM of the MLP over block configs, tiled and persistent (k1_sweep.json, k1_best.json),
     # then ours with the best configs against torch.compile max-autotune (k1_baseline.json)
     k1sweep) stage k1pre 150 python3 "$R/benchmarks/test_bench_mlp.py" "$OUT" --precompile
@@ -97,24 +116,32 @@ for s in "$@"; do
     # artifact and its three figures (pre-quant, int5 round trip, int5 sliding window)
     # (KERNELS=reference for the reference model, compiled; run id h200_$KERNELS; the artifact is
     # $CKPT_DIR/h200_$KERNELS/final_model.int5.ptz)
-    train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-triton}" \
-             --run-id "h200_${KERNELS:-triton}" --max-wallclock-seconds "${TRAIN_SECONDS:-70}" \
+    train) stage train "${TRAIN_LIMIT:-210}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-auto}" \
+             --run-id "h200_${KERNELS:-auto}" --max-wallclock-seconds "${TRAIN_SECONDS:-70}" \
              --iterations "${ITERATIONS:-20000}" \
              --warmdown-iters "${WARMDOWN_ITERS:-30}" --warmup-steps "${WARMUP_STEPS:-3}" --ema-decay "${EMA_DECAY:-0.997}" \
-             --val-loss-every "${VAL_EVERY:-0}" --train-log-every 10 --log-dir "$OUT" --checkpoint-dir "${CKPT_DIR:-/tmp/recycore_ckpt}" ;;
+             --val-loss-every "${VAL_EVERY:-0}" --train-log-every 10 --log-dir "$OUT" --checkpoint-dir "${CKPT_DIR:-/tmp/recycore_ckpt}"
+           if [ "${TRAIN_SECONDS:-70}" = 0 ]; then length="${ITERATIONS:-20000} steps"; else length="${TRAIN_SECONDS:-70} s cap"; fi
+           record "KERNELS=${KERNELS:-auto} ITERATIONS=${ITERATIONS:-20000} TRAIN_SECONDS=${TRAIN_SECONDS:-70} bash benchmarks/h200.sh train" \
+             "$OUT/h200_${KERNELS:-auto}.jsonl" --variant "${KERNELS:-auto}" --shape "seed config, demo data, 1 GPU, $length" ;;
     # same global batch (786,432 tokens) on 1 GPU (8 micro-steps) and on 2 GPUs (4 each): losses must agree
-    dist) SHORT=(--kernels triton --compile-model 0 --iterations "${DIST_STEPS:-12}" --max-wallclock-seconds 0
+    dist) SHORT=(--kernels fused --compile-model 0 --iterations "${DIST_STEPS:-12}" --max-wallclock-seconds 0
                  --warmup-steps 0 --warmdown-iters 0 --val-loss-every 0 --train-log-every 1
                  --val-max-tokens 65536 --eval-stride 2048 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt)
           stage gpu1 200 env CUDA_VISIBLE_DEVICES=0 python3 -m recycore train "${DEMO[@]}" "${SHORT[@]}" --run-id gpu1
           stage gpu2 200 torchrun --standalone --nproc_per_node=2 -m recycore train "${DEMO[@]}" "${SHORT[@]}" \
-             --run-id gpu2 ;;
+             --run-id gpu2
+          for n in 1 2; do
+            record "DIST_STEPS=${DIST_STEPS:-12} bash benchmarks/h200.sh dist" "$OUT/gpu$n.jsonl" --as-benchmark "data-parallel training" \
+              --variant "$n GPU$([ $n = 1 ] || echo s)" --shape "seed config, eager, 786,432 tokens/step, ${DIST_STEPS:-12} steps"
+          done ;;
     # an exported artifact (ARTIFACT=path: absolute, or relative to the repo and carried) evaluated with
     # packed int5 weights (K3) and dequantised, both compiled
     int5) art=$ARTIFACT; [[ $art == /* ]] || art=$R/$art
           for mode in --int5-direct --no-int5-direct; do
             stage "eval${mode#--}" "${EVAL_LIMIT:-120}" python3 -m recycore eval "$art" "${DEMO[@]}" --mode both \
               --json "$OUT/eval${mode#--}.json" "$mode"
+            record "ARTIFACT=$ARTIFACT bash benchmarks/h200.sh int5" "$OUT/eval${mode#--}.json"
           done ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -119,8 +119,9 @@ def test_bench_attention(benchmark, name, backward):
         def step():
             with torch.no_grad():
                 fn(*inputs)
-    gpu_time(benchmark, step, group=f"K2 attention {'fwd+bwd' if backward else 'fwd'}", label=name,
-             flops=attention_flops(B, T, H, D, backward), baseline=name == "a_cudnn_compiled_max_autotune")
+    group = f"K2 attention {'fwd+bwd' if backward else 'fwd'}"
+    gpu_time(benchmark, step, group=group, label=name, flops=attention_flops(B, T, H, D, backward),
+             baseline=name == "a_cudnn_compiled_max_autotune", benchmark=group, shape=f"B={B} T={T} H={H} Hkv={h_kv} D={D}")
 
 
 # ----------------------------------------------------------------------------------------------

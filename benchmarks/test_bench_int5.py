@@ -150,6 +150,7 @@ def test_bench_int5_large_m(benchmark, shape, M, impl):
     if impl == "resident" and K > 512:
         pytest.skip("rows of > 512 values do not fit the resident kernel")
     torch.manual_seed(0)
+<<<<<<< HEAD
     weight, xs = make_weight(N, K), make_xs(M, K, x_buffers(M, K))
     activation = None if impl == "cublas" else activation_of(N, K)
     calls = large_m_calls(op(impl, None, weight, N, K, activation), xs, M, N, K)
@@ -176,6 +177,13 @@ def test_bench_int5_small_m(benchmark, shape, M, mode, impl):
                   flops=2 * M * N * K * len(calls), baseline=impl == "cublas") / len(calls)
     benchmark.extra_info.update(us_per_call=ms * 1e3, speedup_vs_cublas=baseline_ms / ms,
                                 cublas_us_per_call=baseline_ms * 1e3)
+=======
+    calls = make_calls(impl, make_weights(N, K, weight_copies(N, K, M)), N, K, M)
+    weight_bytes = 2 * N * K if impl == "cublas_bf16" else int5_bytes(N, K)
+    gpu_time(benchmark, as_one_fn(calls), group=f"K3 int5 {N}x{K} M={M}", label=impl,
+             flops=2 * M * N * K * len(calls), bytes_moved=weight_bytes * len(calls), calls=len(calls),
+             baseline=impl == "cublas_bf16", benchmark="K3 int5 matmul", shape=f"{N}x{K} M={M}")
+>>>>>>> results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +400,8 @@ def test_bench_eval_throughput(benchmark, seed_artifact, path):
             token_nll(logits_fn, x, y)
 
     ms = gpu_time(benchmark, batch, group=f"eval batch ({cfg.eval_batch_seqs}x{cfg.eval_seq_len}, seed model)",
-                  label=path, baseline=path == "dequantised", weight_bytes=weight_bytes(model)["total"])
+                  label=path, baseline=path == "dequantised", weight_bytes=weight_bytes(model)["total"],
+                  benchmark="eval batch", shape=f"{cfg.eval_batch_seqs}x{cfg.eval_seq_len}, seed model")
     windows_per_s = cfg.eval_batch_seqs / ms * 1e3
     benchmark.extra_info.update(windows_per_s=windows_per_s, tokens_per_s=windows_per_s * cfg.eval_seq_len,
                                 scored_tokens_per_s=windows_per_s * cfg.eval_stride)

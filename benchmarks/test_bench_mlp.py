@@ -90,15 +90,16 @@ def _step(name, inputs, backward):
 def test_bench_mlp(benchmark, name, backward):
     torch.manual_seed(0)
     step = _step(name, make_inputs(requires_grad=backward), backward)
-    gpu_time(benchmark, step, group=f"K1 MLP {'fwd+bwd' if backward else 'fwd'}", label=name,
-             flops=(6 if backward else 2) * GEMM_FLOPS, baseline=name == "max_autotune")
+    group = f"K1 MLP {'fwd+bwd' if backward else 'fwd'}"
+    gpu_time(benchmark, step, group=group, label=name, flops=(6 if backward else 2) * GEMM_FLOPS,
+             baseline=name == "max_autotune", benchmark=group, shape=f"M={SEED_M} d={SEED_D} h={SEED_H}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Sweep (one GPU call): every GEMM of the MLP over block configs / split-K / alternatives -> JSON
 # ----------------------------------------------------------------------------------------------
 # The template GEMMs of leaky_relu2_mlp and the variant it runs (down, du and dW_down run on cuBLAS;
-# the other rows of the sweep are the alternatives measured for the notes).
+# the other rows of the sweep are the alternatives that benchmarks/README.md weighs).
 OUR_VARIANTS = {"up": "pre+post", "d_pre": "grad epilogue", "dw_up": "plain"}
 
 

@@ -33,8 +33,12 @@ def test_bench_micro_step(benchmark, path):
     result = micro_step(path, Config(), batch_seqs=int(os.environ.get("RECYCORE_BENCH_BATCH", "48")),
                         with_profile=True)
     info = benchmark.extra_info
-    info.update(group="model micro-step fwd+bwd (seed, 48x2048)", label=path, gpu=torch.cuda.get_device_name(),
-                torch=torch.__version__, tflops=STEP_TFLOP / result["ms"] * 1e3 * result["batch_seqs"] / 48,
+    import triton
+
+    info.update(group=f"model micro-step fwd+bwd (seed, {result['batch_seqs']}x{result['seq_len']})", label=path,
+                benchmark="micro-step", shape=f"{result['batch_seqs']}x{result['seq_len']}",
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                tflops=STEP_TFLOP / result["ms"] * 1e3 * result["batch_seqs"] / 48,
                 tokens_per_s=result["batch_seqs"] * result["seq_len"] / result["ms"] * 1e3,
                 baseline=path == BASELINE, **result)
     print(f"\n{path}: {result['ms']:.2f} ms/micro-step, compile {result['compile_s']:.0f}s, "
@@ -66,4 +70,5 @@ def test_bench_optimizer_step(benchmark):
         rows, cols = sorted(bank.shape[-2:])
         ns_flops += 5 * bank.shape[0] * (2 * 2 * rows * rows * cols + 2 * rows * rows * rows)
     gpu_time(benchmark, optimizers.step, group="optimizer step (seed model, 1 GPU)", label="muon+adamw",
-             flops=ns_flops, params=sum(p.numel() for p in model.parameters()))
+             flops=ns_flops, params=sum(p.numel() for p in model.parameters()), benchmark="optimizer step",
+             shape="seed model, 1 GPU")

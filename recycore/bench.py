@@ -40,7 +40,7 @@ FAMILIES = (  # first match wins; patterns are searched in lower-cased kernel na
 
 # GEMM autotune timings and pointwise best configs of the H200 runs (benchmarks/README.md): with them a
 # bare H200 compiles the per-block max-autotune reference without benchmarking every GEMM again
-AUTOTUNE_ARCHIVE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200_inductor_autotune.tgz"
+AUTOTUNE_ARCHIVE = Path(__file__).resolve().parent.parent / "benchmarks" / "h200_inductor_autotune.tgz"
 
 
 def seed_inductor_cache(archive: str | Path | None = None, cache_dir: str | Path | None = None) -> int:

@@ -1,0 +1,166 @@
+"""The results history (benchmarks/results.jsonl) and benchmarks/report.py, on the CPU."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+REPORT = BENCH / "report.py"
+spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def run(*args, check=True):
+    return subprocess.run([sys.executable, str(REPORT), *map(str, args)], capture_output=True, text=True, check=check)
+
+
+def row(**fields):
+    base = dict(date="2026-12-01", gpu="NVIDIA H200", torch="2.11.0", triton="3.6.0", commit="abc1234", run="r1",
+                benchmark="K1 MLP fwd+bwd", shape="M=98304 d=512 h=1536", variant="ours", statistic="median_ms",
+                value=1.0, source="test")
+    return {**base, **fields}
+
+
+def test_history_rows_have_the_required_fields():
+    rows = report.load(BENCH / "results.jsonl")
+    assert len(rows) > 1000
+    for number, r in enumerate(rows, 1):
+        assert not report.problems(r), (number, report.problems(r), r)
+    # the historical micro-step rows carry the fused path under its current name
+    assert {r["path"] for r in rows if r["benchmark"] == "micro-step" and r["variant"] == "triton"} == {"fused"}
+    assert run("--check").returncode == 0
+
+
+def test_problems_names_what_is_wrong():
+    assert report.problems(row()) == []
+    found = report.problems({**row(value="1.0", date="28.11.2026", baseline="yes"), "gpu": ""})
+    assert any("gpu" in p for p in found) and any("date" in p for p in found)
+    assert any("value" in p for p in found) and any("baseline" in p for p in found)
+
+
+def test_import_pytest_benchmark_turns_extra_info_into_rows(tmp_path):
+    data = {"datetime": "2026-12-01T10:20:30.5+00:00", "commit_info": {"id": "unversioned"}, "benchmarks": [
+        {"name": "a", "extra_info": {"group": "K3 int5 512x512 M=16", "label": "cublas_bf16", "ms": 2.0, "ms_p20": 1.9,
+                                     "ms_p80": 2.2, "calls": 4, "tflops": 1.5, "baseline": True, "gpu": "NVIDIA H200",
+                                     "torch": "2.11.0"}},
+        {"name": "b", "extra_info": {"group": "model micro-step fwd+bwd (seed, 48x2048)", "label": "triton",
+                                     "path": "triton", "ms": 94.0, "peak_gib": 27.9, "batch_seqs": 48, "seq_len": 2048,
+                                     "families": {"elementwise/norm": 25.0}, "top_kernels": [["_gemm_kernel", 9.8]],
+                                     "gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0"}},
+        {"name": "c", "extra_info": {"group": "K2 attention fwd", "label": "new", "ms": 0.5,
+                                     "benchmark": "K2 attention fwd", "shape": "B=1 T=8", "gpu": "NVIDIA H200",
+                                     "torch": "2.11.0"}},
+        {"name": "skipped", "extra_info": {}},
+    ]}
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "new.jsonl"
+    result = run("--import-pytest-benchmark", path, "--commit", "abc1234", "--source", "bash h200.sh suite",
+                 "--triton", "3.6.0", "--out", out)
+    assert "rows from 1 file" in result.stdout
+    rows = report.load(out)
+    assert all(not report.problems(r) for r in rows)
+    assert {(r["commit"], r["source"], r["date"], r["run"]) for r in rows} == {
+        ("abc1234", "bash h200.sh suite", "2026-12-01", "2026-12-01T10:20:30")}
+    k3 = {r["statistic"]: r for r in rows if r["benchmark"] == "K3 int5 matmul"}
+    assert k3["median_ms"]["shape"] == "512x512 M=16" and k3["median_ms"]["value"] == 0.5  # per call of 4
+    assert k3["median_ms"]["calls"] == 4 and k3["median_ms"]["baseline"] is True and k3["tflops"]["value"] == 1.5
+    assert k3["median_ms"]["triton"] == "3.6.0" and k3["median_ms"]["unit"] == "ms"
+    step = {r["statistic"]: r for r in rows if r["benchmark"] == "micro-step"}
+    assert step["median_ms"]["shape"] == "48x2048" and step["median_ms"]["path"] == "fused"
+    assert step["median_ms"]["variant"] == "triton" and step["peak_gib"]["value"] == 27.9
+    assert step["profile_elementwise_norm_ms"]["value"] == 25.0 and step["kernel_ms:_gemm_kernel"]["value"] == 9.8
+    assert [r["shape"] for r in rows if r["variant"] == "new"] == ["B=1 T=8"]
+    # importing the same run again adds nothing; --append merges into the history
+    assert "0 rows" in run("--import-pytest-benchmark", path, "--commit", "abc1234", "--source", "bash h200.sh suite",
+                           "--triton", "3.6.0", "--out", out).stdout
+    history = tmp_path / "results.jsonl"
+    history.write_text(json.dumps(row()) + "\n")
+    assert f"{len(rows)} new rows" in run("--results", history, "--append", out).stdout
+    assert len(report.load(history)) == len(rows) + 1
+    assert "0 new rows" in run("--results", history, "--append", out).stdout
+
+
+def test_import_training_log_and_eval_json(tmp_path):
+    log = tmp_path / "h200_triton.jsonl"
+    records = [{"step": s, "train_loss": 7.0 - s / 10, "train_time_ms": 800.0 * s} for s in (1, 2, 10, 20, 30)]
+    records += [{"event": "val", "step": 30, "val_bpb": 1.9}, {"event": "final", "run_id": "h200_triton",
+                                                                "peak_allocated_gib": 28.2, "int5_val_bpb": 1.95}]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"int5_direct": True, "scheme": "seed", "model_bytes": 10, "val_tokens": 5,
+                                      "weight_bytes": {"total": 100}, "standard": {"val_bpb": 2.0, "eval_seconds": 4.0},
+                                      "sliding": {"val_bpb": 1.9}}))
+    out = tmp_path / "new.jsonl"
+    run("--import-pytest-benchmark", log, evaluation, "--variant", "triton", "--shape", "seed config, 30 steps",
+        "--date", "2026-12-01", "--out", out)
+    rows = report.load(out)
+    assert all(not report.problems(r) for r in rows)
+    train = {(r["statistic"], r.get("step")): r for r in rows if r["benchmark"] == "training"}
+    assert train[("ms_per_step_mean", None)]["value"] == 800.0 and train[("ms_per_step_min10", None)]["value"] == 800.0
+    assert train[("peak_gib", None)]["value"] == 28.2 and train[("val_bpb", None)]["value"] == 1.9
+    assert train[("train_loss", 30)]["value"] == pytest.approx(4.0) and train[("train_loss", 30)]["path"] == "fused"
+    evals = {r["statistic"]: r for r in rows if r["benchmark"] == "eval"}
+    assert evals["val_bpb_standard"]["value"] == 2.0 and evals["weight_bytes"]["value"] == 100
+
+
+def test_readme_rendering_replaces_only_the_marked_text_and_is_stable(tmp_path):
+    # an older run first (file order is time order), then the newest: 2.0 ms (baseline) against 1.0 ms
+    rows = [row(run="r0", variant="ours", value=5.0), row(run="r0", variant="max_autotune", value=5.0, baseline=True),
+            row(variant="max_autotune", value=2.0, baseline=True), row(variant="ours", value=1.0)]
+    history = tmp_path / "results.jsonl"
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    readme = tmp_path / "README.md"
+    before, between, after = "# Title\n\ntext before\n", "\n| old | table |\n", "\ntext after <!-- kept -->\n"
+    readme.write_text(f"{before}<!-- results:begin -->{between}<!-- results:end -->{after}"
+                      f"<!-- results:begin full -->\n<!-- results:end -->\n")
+    run("--results", history, "--readme", readme)
+    text = readme.read_text()
+    assert text.startswith(before + "<!-- results:begin -->\n") and "| old | table |" not in text
+    assert f"<!-- results:end -->{after}" in text and text.endswith("<!-- results:end -->\n")
+    # the newest run's pair, ratio computed from the rows: 2.0 ms against 1.0 ms is 2.00x
+    line = next(line for line in text.splitlines() if line.startswith("| K1 MLP fwd+bwd vs max-autotune"))
+    assert "| 1.000 ms" in line and "2.000 ms (max_autotune)" in line and "| 2.00x |" in line and "missed" not in line
+    full = next(line for line in text.splitlines()
+                if line.startswith("| K1 MLP fwd+bwd | M=98304 d=512 h=1536 | ours |"))
+    assert "| 2.00x |" in full
+    again = readme.read_text()
+    assert again == text and "unchanged" in run("--results", history, "--readme", readme).stdout
+
+
+def test_ratios_follow_the_statistic():
+    assert report.ratio(1.0, 2.0, "median_ms") == 2.0  # time: baseline / ours
+    assert report.ratio(600.0, 300.0, "tflops") == 2.0  # throughput: ours / baseline
+    assert report.ratio(1000.0, 500.0, "tokens_per_s") == 2.0
+    assert report.fmt(0.0045, "median_ms") == "4.50 us" and report.fmt(94.2253, "median_ms") == "94.23 ms"
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps(row()) + "\n")
+    (tmp_path / "README.md").write_text("no markers\n")
+    result = run("--results", tmp_path / "results.jsonl", "--readme", tmp_path / "README.md", check=False)
+    assert result.returncode != 0 and "markers" in result.stderr
+
+
+def test_benchmarks_readme_tables_are_current():
+    """The committed tables of benchmarks/README.md are what the committed history renders to."""
+    text = (BENCH / "README.md").read_text()
+    assert report.render_sections(text, report.load(BENCH / "results.jsonl")) == text
+
+
+def test_latest_keeps_the_newest_row_of_each_key():
+    rows = [row(value=3.0), row(value=2.0, run="r2"), row(variant="max_autotune", value=4.0)]
+    latest = report.select(rows, latest=True)
+    assert sorted((r["variant"], r["value"]) for r in latest) == [("max_autotune", 4.0), ("ours", 2.0)]
+    assert report.select(rows, since="2026-12-02") == [] and len(report.select(rows, benchmark="K1*")) == 3
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "out.txt"
+    report.write_atomic(target, "one\n")
+    report.write_atomic(target, "two\n")
+    assert target.read_text() == "two\n" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
