@@ -133,6 +133,13 @@ class WeightAverages:
     def choice(self) -> str:
         return averaging_choice(self.swa_count)
 
+    def snapshot(self) -> list[Tensor]:
+        return [t.clone() for t in self.ema]
+
+    def restore(self, snapshot: list[Tensor]) -> None:
+        """The EMA back to a snapshot, in place (a captured step holds these tensors)."""
+        torch._foreach_copy_(self.ema, snapshot)
+
     def averaged_state(self, model, kind: str | None = None) -> dict[str, Tensor]:
         """The weights of `kind` ("swa" or "ema"; default: the rule's choice) in the model's dtypes."""
         template = model.state_dict()

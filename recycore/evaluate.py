@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from recycore.graphs import Captured
+
 LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) -> logits (B, T, vocab)
 
 
@@ -80,6 +82,12 @@ def token_nll(logits_fn: LogitsFn, x: Tensor, y: Tensor) -> Tensor:
                            reduction="none").reshape(y.shape)
 
 
+def batch_nll(logits_fn: LogitsFn, graphs: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """token_nll of logits_fn as a function of (x, y), replayed as a CUDA graph per batch shape when
+    `graphs` (recycore.graphs; its output is valid until the next call)."""
+    return Captured(lambda x, y: token_nll(logits_fn, x, y), "evaluation batch", enabled=graphs)
+
+
 def _reduce(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -110,19 +118,20 @@ class _Progress:
 @torch.inference_mode()
 def evaluate_standard(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables, seq_len: int,
                       batch_seqs: int, device, rank: int = 0, world_size: int = 1,
-                      progress: bool = False) -> tuple[float, float]:
+                      progress: bool = False, graphs: bool = False) -> tuple[float, float]:
     """Non-overlapping seq_len windows split across ranks -> (val_loss, val_bpb)."""
     device = torch.device(device)
     tables = tables.to(device)
     total_seqs = (val_tokens.numel() - 1) // seq_len
     first, last = total_seqs * rank // world_size, total_seqs * (rank + 1) // world_size
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, bytes (no per-batch host sync)
+    nll = batch_nll(logits_fn, graphs and device.type == "cuda")
     bar = _Progress("eval", last - first, progress and rank == 0)
     for start in range(first, last, batch_seqs):
         end = min(start + batch_seqs, last)
         local = val_tokens[start * seq_len:end * seq_len + 1].to(device=device, dtype=torch.int64)
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
-        sums[0] += token_nll(logits_fn, x, y).double().sum()
+        sums[0] += nll(x, y).double().sum()
         sums[1] += tables.count(x, y).sum()
         bar.update(end - first)
     nll_sum, byte_sum = sums.tolist()
@@ -148,13 +157,14 @@ def sliding_windows(total_targets: int, seq_len: int, stride: int) -> list[tuple
 @torch.inference_mode()
 def evaluate_sliding(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables, seq_len: int, stride: int,
                      batch_seqs: int, device, rank: int = 0, world_size: int = 1,
-                     progress: bool = False) -> tuple[float, float]:
+                     progress: bool = False, graphs: bool = False) -> tuple[float, float]:
     """Sliding-window evaluation, windows split across ranks -> (val_loss, val_bpb)."""
     device = torch.device(device)
     tables = tables.to(device)
     windows = sliding_windows(val_tokens.numel() - 1, seq_len, stride)
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, bytes
+    nll = batch_nll(logits_fn, graphs and device.type == "cuda")
     positions = torch.arange(seq_len)
     scored = 0
     bar = _Progress("sliding eval", len(mine), progress and rank == 0)
@@ -170,7 +180,7 @@ def evaluate_sliding(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables
         mask = ((positions >= first) & (positions < length)).to(device)
         scored += int(mask.sum())
         x, y = x.to(device), y.to(device)
-        sums[0] += token_nll(logits_fn, x, y).double()[mask].sum()
+        sums[0] += nll(x, y).double()[mask].sum()
         sums[1] += tables.count(x, y)[mask].sum()
         bar.update(b + len(batch))
     nll_sum, byte_sum = sums.tolist()

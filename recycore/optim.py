@@ -55,6 +55,12 @@ def newton_schulz5(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 # ---------------------------------------------------------------------------
 # Muon
 # ---------------------------------------------------------------------------
+def _plus_scaled(a: Tensor, b: Tensor, scale: Tensor | float) -> Tensor:
+    """a + scale * b in fp32. `scale` may be a 0-dim device tensor (a schedule value a captured CUDA
+    graph reads at replay): fp32 math keeps it from being rounded to a bf16 operand's dtype."""
+    return a.float() + b.float() * scale
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -165,8 +171,8 @@ class Muon(torch.optim.Optimizer):
             momentum = group["momentum"]
             g = (bank.pop("grad_shard") * clip).bfloat16()
             buf = self._momentum(bank)
-            buf.mul_(momentum).add_(g)
-            update = newton_schulz5(g.add(buf, alpha=momentum), steps=group["backend_steps"])
+            buf.copy_(_plus_scaled(g, buf, momentum))  # one rounding to bf16
+            update = newton_schulz5(_plus_scaled(g, buf, momentum), steps=group["backend_steps"])
             if self.distributed:
                 full = update.new_empty(bank["shard"] * self.world_size, *update.shape[1:])
                 self._pending.append(dist.all_gather_into_tensor(full, update.contiguous(), async_op=True))
@@ -186,7 +192,7 @@ class Muon(torch.optim.Optimizer):
             update = bank.pop("update")[:p.size(0)]
             if group["weight_decay"] > 0:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(update.to(p.dtype), alpha=-group["lr"] * bank["scale"])
+            p.copy_(_plus_scaled(p, update, -group["lr"] * bank["scale"]))
 
     @torch.no_grad()
     def step(self, closure=None, clip: Tensor | float = 1.0):
@@ -275,6 +281,16 @@ def lr_multiplier(step: int, elapsed_ms: float, iterations: int, warmdown_iters:
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
+SCHEDULE_KEYS = ("lr", "momentum")  # the param-group values set_schedule changes every step
+
+
+def _set(group: dict, key: str, value: float) -> None:
+    if isinstance(group[key], Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value
+
+
 class OptimizerSet:
     """Muon (banks) + AdamW (embeddings, scalars), the global-norm clip and the
     cross-rank gradient averaging, as one step:
@@ -288,7 +304,9 @@ class OptimizerSet:
     """
 
     def __init__(self, model: nn.Module, cfg, device=None, distributed: bool | None = None,
-                 use_reduce_scatter: bool = True):
+                 use_reduce_scatter: bool = True, capturable: bool = False):
+        """capturable: the step will be captured in a CUDA graph, so the learning rates and the Muon
+        momentum live in device tensors that `set_schedule` fills in place (CUDA only)."""
         self.cfg = cfg
         self.distributed = _distributed() if distributed is None else distributed
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -298,29 +316,60 @@ class OptimizerSet:
                          weight_decay=cfg.muon_wd, distributed=self.distributed,
                          use_reduce_scatter=use_reduce_scatter)
         device = torch.device(device) if device is not None else banks[0].device
+        self.device = device
+        self.capturable = capturable and device.type == "cuda"
         self.adam = torch.optim.AdamW(
             [dict(params=embeddings, lr=cfg.tied_embed_lr, name="embed"),
              dict(params=scalars, lr=cfg.scalar_lr, name="scalar")],
             betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd,
-            fused=device.type == "cuda")
+            fused=device.type == "cuda", capturable=self.capturable)
         for opt in (self.muon, self.adam):
             for group in opt.param_groups:
                 group["base_lr"] = group["lr"]
+                if self.capturable:
+                    group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        if self.capturable:
+            for group in self.muon.param_groups:
+                group["momentum"] = torch.tensor(float(group["momentum"]), device=device)
 
     @property
     def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
         return (self.muon, self.adam)
 
     def set_schedule(self, lr_mult: float, muon_momentum: float) -> None:
+        """The step's learning rates and Muon momentum (device tensors filled in place when capturable)."""
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_mult
+                _set(group, "lr", group["base_lr"] * lr_mult)
         for group in self.muon.param_groups:
-            group["momentum"] = muon_momentum
+            _set(group, "momentum", muon_momentum)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+
+    def _state_tensors(self) -> list[Tensor]:
+        tensors = []
+        for opt in self.optimizers:
+            for state in opt.state.values():
+                tensors += [v for v in state.values() if isinstance(v, Tensor)]
+            for group in opt.param_groups:
+                tensors += [v for k, v in group.items() if k != "params" and isinstance(v, Tensor)]
+        return tensors
+
+    def snapshot(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """Copies of every state tensor, for `restore` (the warm-up puts the optimisers back)."""
+        return {id(t): (t, t.clone()) for t in self._state_tensors()}
+
+    def restore(self, snapshot: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Back to the snapshot, in place (a captured step keeps its tensors): tensors the snapshot has
+        get their values back; state made since (moments, steps, momentum buffers: all created as
+        zeros) is zeroed, which is what a fresh optimiser holds."""
+        for t in self._state_tensors():
+            if id(t) in snapshot:
+                t.copy_(snapshot[id(t)][1])
+            else:
+                t.zero_()
 
     @torch.no_grad()
     def _all_reduce_replicated(self):
@@ -358,9 +407,20 @@ class OptimizerSet:
 
     # ---- state ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Collective when distributed (Muon gathers its momentum shards)."""
-        return {"muon": self.muon.state_dict(), "adam": self.adam.state_dict()}
+        """Collective when distributed (Muon gathers its momentum shards). Schedule values are saved as
+        plain floats, so a checkpoint loads on any device, captured or not."""
+        state = {"muon": self.muon.state_dict(), "adam": self.adam.state_dict()}
+        for part in state.values():
+            part["param_groups"] = [{k: float(v) if k in SCHEDULE_KEYS and isinstance(v, Tensor) else v
+                                     for k, v in group.items()} for group in part["param_groups"]]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
+        for opt in self.optimizers:  # floats, or device tensors for a captured step, as this instance runs
+            for group in opt.param_groups:
+                for key in SCHEDULE_KEYS:
+                    if key in group:
+                        value = float(group[key])
+                        group[key] = torch.tensor(value, device=self.device) if self.capturable else value
