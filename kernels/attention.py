@@ -647,12 +647,9 @@ def xsa_gate_reference(o, v, gate_logits, xsa: bool):
     return o
 
 
-# SDPA core of the "sdpa_fused" path: backend priority and whether kv heads are expanded to H.
-# On the H200 (benchmarks/NOTES_K2.md) cuDNN takes enable_gqa natively: core fwd+bwd 2.21 ms vs 2.61 with
-# kv expanded and 3.28 with SDPA's own default choice (flash), T=2048.
+# The "sdpa_fused" path's core: cuDNN first (it takes GQA natively; benchmarks/README.md, K2).
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
-SDPA_EXPAND_KV = False
 
 
 def _sdpa_gqa(q, k, v):
@@ -663,10 +660,6 @@ def _sdpa_gqa(q, k, v):
 
 
 def _sdpa_core(q, k, v):
-    """The "sdpa_fused" path's core: SDPA_BACKENDS by priority, kv heads expanded if SDPA_EXPAND_KV."""
-    group = q.shape[2] // k.shape[2]
-    if SDPA_EXPAND_KV and group > 1:
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
         return _sdpa_gqa(q, k, v)
 
@@ -676,17 +669,74 @@ def gated_xsa_attention_reference(q, k, v, gate_logits, xsa: bool):
     return xsa_gate_reference(_sdpa_gqa(q, k, v), v, gate_logits, xsa)
 
 
-# Measured on the H200 (benchmarks/NOTES_K2.md), fwd+bwd with 98,304 tokens: SDPA(cuDNN) + fused
-# epilogue 2.46 ms vs full Triton 2.62 ms at T=2048 (4.06 vs 4.54 at T=4096; 1.66 vs 1.62 at T=1024),
-# forward 0.60 vs 0.61 ms: the SDPA path is the default on CUDA.
-AUTO_CUDA_IMPL = "sdpa_fused"
+# ----------------------------------------------------------------------------------------------
+# Dispatch: "auto" takes whichever fused path measured faster, forward + backward, on the shapes and
+# layouts the caller passes (the order depends on both), once per signature and device, cached.
+# ----------------------------------------------------------------------------------------------
+FUSED_IMPLS = ("triton", "sdpa_fused")
+UNMEASURED_IMPL = "sdpa_fused"  # when no measurement can run (inside a trace or a graph capture)
+_CHOICES: dict = {}  # signature -> {"impl": ..., "ms": {impl: ms}}
+
+
+def _signature(q, k, v, gate_logits, xsa):
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in (q, k, v, gate_logits)) + (bool(xsa), str(q.device))
+
+
+def _can_measure(q) -> bool:
+    return (not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+            and type(q) is torch.Tensor)
+
+
+def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 5) -> dict[str, float]:
+    """Median ms of forward+backward of each fused impl on fresh random inputs with the given tensors'
+    shapes, strides and dtypes (never their values)."""
+    def like(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
+
+    inputs = [like(t).requires_grad_() for t in (q, k, v, gate_logits)]
+    d_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+    times = {}
+    for impl in FUSED_IMPLS:
+        def run():
+            out = attention(*inputs, xsa, impl=impl)
+            torch.autograd.grad(out, inputs, d_out)
+        run()  # compile / autotune outside the timing
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[impl] = sorted(samples)[len(samples) // 2]
+    return times
+
+
+def choose_impl(q, k, v, gate_logits, xsa: bool) -> str:
+    """The measured faster fused impl for this signature (measured on its first call, then cached)."""
+    key = _signature(q, k, v, gate_logits, xsa)
+    if key not in _CHOICES:
+        if not _can_measure(q):
+            return UNMEASURED_IMPL
+        with torch.no_grad(), torch.enable_grad():
+            ms = measure_impls(q, k, v, gate_logits, xsa)
+        _CHOICES[key] = {"impl": min(ms, key=ms.get), "ms": ms}
+    return _CHOICES[key]["impl"]
+
+
+def measured_choices() -> list[dict]:
+    """What `auto` chose, per signature, with the timings it chose by."""
+    return [{"shapes": [list(shape) for shape, _, _ in key[:4]], "xsa": key[4], **value}
+            for key, value in _CHOICES.items()]
 
 
 def attention(q, k, v, gate_logits, xsa: bool, impl: str = "auto"):
     """Gated XSA attention by `impl`: "triton" (fully fused), "sdpa_fused" (SDPA core + fused Triton
-    epilogue), "reference", or "auto" (the faster of the first two on CUDA, the reference on CPU)."""
+    epilogue), "reference", or "auto" (on CUDA the one measured faster for these shapes and layouts,
+    see `choose_impl`; the reference on the CPU)."""
     if impl == "auto":
-        impl = AUTO_CUDA_IMPL if q.is_cuda else "reference"
+        impl = choose_impl(q, k, v, gate_logits, xsa) if q.is_cuda else "reference"
     if impl == "triton":
         if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (norms may give fp32)
             dtype = torch.get_autocast_dtype(q.device.type)

@@ -17,17 +17,21 @@ from pathlib import Path
 import torch
 
 from recycore.config import Config
+from recycore.graphs import Captured
 from recycore.model import GPT
 
 PATHS = {
-    # name: (kernels, compile mode, per-block compile)
-    "reference-eager": ("reference", None, False),
-    "reference-compiled": ("reference", "default", False),
-    "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True),
+    # name: (kernels, compile mode, per-block compile, CUDA graphs)
+    "reference-eager": ("reference", None, False, False),
+    "reference-compiled": ("reference", "default", False, False),
+    "reference-compiled-graphs": ("reference", "default", False, True),
+    "reference-max-autotune": ("reference", "max-autotune-no-cudagraphs", True, False),
     # the same mode over the whole model: cross-block fusions, but its compile does not finish within a
     # 10-minute device call on an H200 even with the saved GEMM decisions (benchmarks/README.md)
-    "reference-max-autotune-whole": ("reference", "max-autotune-no-cudagraphs", False),
-    "fused": ("fused", "default", False),
+    "reference-max-autotune-whole": ("reference", "max-autotune-no-cudagraphs", False, False),
+    "fused": ("fused", "default", False, False),
+    # the step as training runs it: compiled, replayed as a CUDA graph (recycore.graphs)
+    "fused-graphs": ("fused", "default", False, True),
 }
 
 FAMILIES = (  # first match wins; patterns are searched in lower-cased kernel names
@@ -79,7 +83,7 @@ def seed_inductor_cache(archive: str | Path | None = None, cache_dir: str | Path
 
 # the micro-step paths `recycore bench` measures: the suite against the max-autotune baseline (minutes of
 # compile, see AUTOTUNE_ARCHIVE), the profile view the quick pair
-SUITE_PATHS = "reference-max-autotune,reference-compiled,fused"
+SUITE_PATHS = "reference-max-autotune,reference-compiled,fused,fused-graphs"
 PROFILE_PATHS = "reference-compiled,fused"
 
 
@@ -91,11 +95,12 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def build(path: str, cfg: Config, device="cuda", backend: str = "inductor"):
+def build(path: str, cfg: Config, device="cuda", backend: str = "inductor", batch_seqs: int = 48):
     """(model, step function) for one benchmark path; the step runs fwd+bwd once.
     (`backend` other than inductor, e.g. aot_eager, is for CPU tests of the compile layout.)"""
-    kernels, mode, per_block = PATHS[path]
+    kernels, mode, per_block, graphs = PATHS[path]
     model = GPT(cfg.replace(kernels=kernels)).to(device)
+    model.choose_kernels(batch_seqs, cfg.train_seq_len)
     if mode is not None:
         options = dict(backend=backend, dynamic=False, fullgraph=True)
         if backend == "inductor" and mode != "default":
@@ -115,13 +120,18 @@ def build(path: str, cfg: Config, device="cuda", backend: str = "inductor"):
     else:
         runner = model
 
+    params = list(model.parameters())
+
     def step(x, y):
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             loss = runner(x, y)
         loss.backward()
-        return loss
+        return loss.detach()
 
-    return model, step
+    return model, Captured(step, path, enabled=graphs)
 
 
 def random_batch(cfg: Config, batch_seqs: int, device="cuda"):
@@ -135,7 +145,7 @@ def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20, 
     (with_profile) the GPU time of one more step by kernel family."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, step = build(path, cfg)
+    model, step = build(path, cfg, batch_seqs=batch_seqs)
     x, y = random_batch(cfg, batch_seqs)
     start = time.perf_counter()
     step(x, y)
@@ -194,7 +204,7 @@ def profile(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") -> dict
     micro-step's."""
     from recycore.optim import OptimizerSet
 
-    model, step = build(path, cfg, device=device)
+    model, step = build(path, cfg, device=device, batch_seqs=batch_seqs)
     x, y = random_batch(cfg, batch_seqs, device=device)
     optimizers = OptimizerSet(model, cfg)
     optimizers.set_schedule(1.0, cfg.muon_momentum)

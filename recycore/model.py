@@ -4,7 +4,7 @@ x = rms(tok_emb[ids] + bigram(ids)); x = smear(x); x0 = x
 encoder layers (push skips; layer 0's raw values become v0)
 recycled core (modulate, re-run physical layers 3, 4)
 decoder layers (pop skips)
-logits = softcap(rms(x) @ tok_emb^T); loss = cross-entropy
+logits = softcap(rms(x) @ tok_emb^T); loss = cross-entropy (one fused op with the kernels)
 
 State-dict names follow the seed's, so its checkpoints and artifacts load here.
 """
@@ -119,21 +119,16 @@ class RecycleModulation(nn.Module):
 # Attention and block
 # ---------------------------------------------------------------------------
 def rotary_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int, device) -> tuple[Tensor, Tensor]:
-    """cos/sin (T, rope_dims/2) in fp32. Past the table's train length the base is
-    NTK-scaled: base * (T/train_len)^(rd/(rd-2))."""
+    """cos/sin (T, rope_dims/2) in fp32 (empty for rope_dims = 0: no rotation). Past the table's train
+    length the base is NTK-scaled: base * (T/train_len)^(rd/(rd-2))."""
+    if rope_dims == 0:
+        empty = torch.empty(seq_len, 0, device=device)
+        return empty, empty
     if seq_len > train_seq_len:
         base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos(), freqs.sin()
-
-
-def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, heads, D); rotate dims [0, rd) as [x1 cos + x2 sin, -x1 sin + x2 cos]."""
-    half = cos.size(-1)
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -156,9 +151,9 @@ class CausalSelfAttention(nn.Module):
                 v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, T, _ = u.shape
         cfg = self.cfg
-        q = ops.linear(u, q_w).reshape(B, T, self.num_heads, self.head_dim)
-        k = ops.linear(u, k_w).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = ops.linear(u, v_w)
+        q, k, v = ops.qkv_projection(u, q_w, k_w, v_w, cfg.kernels)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         if v_embed is not None:
             v = v + v_embed
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -166,11 +161,9 @@ class CausalSelfAttention(nn.Module):
         if cfg.value_residual and v0 is not None:
             lam = self.vr_lambda.to(v.dtype)
             v = lam[0] * v0 + lam[1] * v
-        q, k = ops.rms_norm(q), ops.rms_norm(k)
-        if cfg.rope_dims > 0:
-            cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, u.device)
-            q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        # q, k = rms(q), rms(k); partial RoPE on the first rope_dims dims; q *= q_gain[h]
+        cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, u.device)
+        q, k = ops.qk_norm_rope(q, k, cos, sin, self.q_gain, cfg.kernels)
         gate_logits = None
         if self.attn_gate is not None:
             gate_logits = ops.linear(u, self.attn_gate.weight, self.attn_gate.bias)
@@ -282,7 +275,7 @@ class GPT(nn.Module):
         return cache["ve"] * self.ve_layer_scales[self.ve_layers.index(layer)].to(cache["ve"].dtype)
 
     def hidden_states(self, ids: Tensor) -> Tensor:
-        """Everything up to (and including) the final RMSNorm: (B, T, d)."""
+        """The residual stream after the last block, before the final RMSNorm: (B, T, d)."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -309,22 +302,30 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x, _ = self.blocks[layer](x, x0, *self.bank_weights(layer),
                                       v_embed=self.value_embedding(layer, ids, ve_cache), v0=v0)
-        return ops.rms_norm(x)
+        return x
 
-    def logits(self, h: Tensor) -> Tensor:
-        """Soft-capped logits from the final hidden states and the tied embedding."""
-        logits = F.linear(h, self.tok_emb.weight)
-        cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap)
+    def logits(self, x: Tensor) -> Tensor:
+        """Soft-capped logits (B, T, vocab) of the residual stream x: cap * tanh(rms(x) @ tok_emb^T / cap)."""
+        return ops.softcap_logits(x, self.tok_emb.weight, self.cfg.logit_softcap)
 
     def forward_logits(self, ids: Tensor) -> Tensor:
-        """Soft-capped logits (B, T, vocab)."""
         return self.logits(self.hidden_states(ids))
 
-    def loss(self, h: Tensor, targets: Tensor) -> Tensor:
-        """Mean token cross-entropy (fp32) of the logits of hidden states h."""
-        logits = self.logits(h)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Mean token cross-entropy (fp32) of the soft-capped logits of the residual stream x."""
+        return ops.softcap_cross_entropy(x, self.tok_emb.weight, targets, self.cfg.logit_softcap, self.cfg.kernels)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.loss(self.hidden_states(ids), targets)
+
+    @torch.no_grad()
+    def choose_kernels(self, batch_seqs: int, seq_len: int) -> None:
+        """One eager forward on random tokens of this batch shape, so that each fused kernel family with
+        several implementations measures them on the shapes and layouts this model passes, before
+        torch.compile traces the model (a trace cannot time anything); the choices are cached."""
+        weight = self.tok_emb.weight
+        if not ops.fused(self.cfg.kernels, weight):
+            return
+        ids = torch.randint(0, self.cfg.vocab_size, (batch_seqs, seq_len), device=weight.device)
+        with torch.autocast(weight.device.type, dtype=torch.bfloat16):
+            self.forward_logits(ids)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recycore.kernels import attention as attention_kernels
+from recycore.kernels import head as head_kernels
 from recycore.kernels import mlp as mlp_kernels
+from recycore.kernels import qk_prep as qk_kernels
 from recycore.kernels.int5 import Int5Linear, int5_linear
 
 
@@ -38,6 +40,38 @@ def linear(x: Tensor, w: Tensor | Int5Linear, b: Tensor | None = None) -> Tensor
     if isinstance(w, Int5Linear):
         return _packed_linear(x, w)
     return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def qkv_projection(u: Tensor, w_q, w_k, w_v, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(u W_q^T, u W_k^T, u W_v^T). Fused: one GEMM on the stacked weights (one wide GEMM instead of
+    three narrow ones, and one input-gradient GEMM in backward); q and k come back as views of its
+    output, which qk_norm_rope reads as they are."""
+    if fused(kernels, u) and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
+        qkv = F.linear(u, torch.cat((w_q, w_k, w_v)).to(u.dtype))
+        return qkv.split((w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
+    return linear(u, w_q), linear(u, w_k), linear(u, w_v)
+
+
+def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
+    """q, k = rms(q), rms(k) over head_dim; partial RoPE (tables cos, sin (T, rope_dims/2)); q *= q_gain."""
+    if fused(kernels, q):
+        if torch.is_autocast_enabled(q.device.type):  # attention consumes the autocast dtype
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k = q.to(dtype), k.to(dtype)
+        return qk_kernels.qk_norm_rope(q, k, cos, sin, q_gain)
+    return qk_kernels.qk_norm_rope_reference(q, k, cos, sin, q_gain)
+
+
+def softcap_logits(x: Tensor, weight: Tensor, cap: float) -> Tensor:
+    """cap * tanh(rms(x) @ weight^T / cap) (evaluation materialises the logits; training does not)."""
+    return head_kernels.softcap_logits_reference(x, weight, cap)
+
+
+def softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, cap: float, kernels: str) -> Tensor:
+    """Mean cross-entropy of softcap_logits(x, weight, cap); fused: the logits never leave the chip."""
+    if fused(kernels, x) and not isinstance(weight, Int5Linear):
+        return head_kernels.softcap_cross_entropy(x, weight, targets, cap)
+    return head_kernels.softcap_cross_entropy_reference(x, weight, targets, cap)
 
 
 def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5Linear, kernels: str) -> Tensor:

@@ -196,8 +196,9 @@ def set_up(ctx: Context, cfg: Config, inputs: Inputs, checkpoint_dir: Path, log_
         log_dir.mkdir(parents=True, exist_ok=True)
         ctx.log_path, ctx.metrics_path = log_dir / f"{cfg.run_id}.txt", log_dir / f"{cfg.run_id}.jsonl"
     compile_model = cfg.compile_model and ctx.on_cuda  # torch.compile is off on CPU
+    graphs = cfg.cuda_graphs and ctx.on_cuda  # a CUDA feature: the CPU runs the step as it is
     ctx.log(f"run {cfg.run_id}: world_size {ctx.world_size} grad_accum {inputs.accum} device {ctx.device} "
-            f"kernels {cfg.kernels} compile {compile_model}")
+            f"kernels {cfg.kernels} compile {compile_model} cuda graphs {graphs}")
     ctx.log(f"logs: {ctx.log_path} metrics: {ctx.metrics_path} checkpoints: {run_dir}")
     if ctx.master and ctx.log_path is not None:
         with open(ctx.log_path, "a", encoding="utf-8") as f:
@@ -208,13 +209,18 @@ def set_up(ctx: Context, cfg: Config, inputs: Inputs, checkpoint_dir: Path, log_
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(ctx.device)
     model.train()
+    model.choose_kernels(local_batch_tokens(cfg.train_batch_tokens, cfg.train_seq_len, ctx.world_size,
+                                            inputs.accum) // cfg.train_seq_len, cfg.train_seq_len)
     runner = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
-    optimizers = OptimizerSet(model, cfg, device=ctx.device)
+    # across ranks the optimiser step's collectives stay outside the graphs: only its micro-steps replay
+    optimizers = OptimizerSet(model, cfg, device=ctx.device, capturable=graphs and not ctx.distributed)
     averages = WeightAverages(model, effective_ema_decay(cfg))
-    run = Run(ctx=ctx, cfg=cfg, model=model, stepper=TrainStep(runner, model, optimizers, averages, ctx.device),
+    stepper = TrainStep(runner, model, optimizers, averages, ctx.device, graphs=graphs, log=ctx.log)
+    run = Run(ctx=ctx, cfg=cfg, model=model, stepper=stepper,
               optimizers=optimizers, loader=DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, ctx.device),
               averages=averages, val_tokens=inputs.val_tokens, tables=build_byte_tables(inputs.tokenizer, cfg.vocab_size),
-              logits_fn=make_logits_fn(model, compile_model), accum=inputs.accum, run_dir=run_dir, log_dir=log_dir,
+              logits_fn=make_logits_fn(model, compile_model, eval_shapes(cfg, ctx.world_size, inputs.accum)),
+              accum=inputs.accum, run_dir=run_dir, log_dir=log_dir,
               clock=TrainingClock(ctx))
     _log_model(run)
     if ckpt is not None:
@@ -249,26 +255,29 @@ def _restore(run: Run, ckpt: dict) -> None:
 
 
 def warm_up(run: Run) -> None:
-    """Compile and autotune on real steps (a fresh run only), then put model, optimisers and data back
-    to their start. The last warm-up step runs with late QAT on, so that graph is compiled here too."""
+    """Compile, autotune and capture on real steps (a fresh run only), then put model, optimisers,
+    averages and data back to their start, in place. The last warm-up steps run with late QAT on, so
+    that variant is compiled (and captured: a signature is captured on its second step) here too."""
     cfg = run.cfg
     if cfg.warmup_steps <= 0 or run.step > 0:
         return
+    qat_steps = (2 if run.stepper.graphs else 1) if cfg.late_qat_threshold > 0 and cfg.warmup_steps > 1 else 0
     start_model = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-    start_opt = _clone_state(run.optimizers.state_dict())
+    start_opt, start_ema = run.optimizers.snapshot(), run.averages.snapshot()
     start_data = _clone_state(run.loader.state_dict())
     t = time.perf_counter()
     for i in range(cfg.warmup_steps):
-        run.model.set_qat(cfg.late_qat_threshold > 0 and cfg.warmup_steps > 1 and i == cfg.warmup_steps - 1)
+        run.model.set_qat(i >= cfg.warmup_steps - min(qat_steps, cfg.warmup_steps - 1))
         run.stepper.forward_backward(_next_batches(run))
-        run.optimizers.step()
+        run.stepper.update()
         if i + 1 in (1, cfg.warmup_steps):
-            run.ctx.log(f"warmup step {i + 1}/{cfg.warmup_steps} ({time.perf_counter() - t:.1f}s)")
+            run.ctx.log(f"warmup step {i + 1}/{cfg.warmup_steps} ({time.perf_counter() - t:.1f}s)"
+                        + (f", {run.stepper.captured} CUDA graphs" if run.stepper.graphs else ""))
     run.model.set_qat(False)
     run.model.load_state_dict(start_model)
-    run.optimizers.load_state_dict(start_opt)
+    run.optimizers.restore(start_opt)
+    run.averages.restore(start_ema)
     run.loader.load_state_dict(start_data)
-    run.optimizers.zero_grad()
 
 
 def train_loop(run: Run) -> dict | None:
@@ -313,13 +322,14 @@ def train_step(run: Run, mult: float) -> tuple[Tensor, Tensor]:
     """One optimiser step at LR multiplier `mult` -> (loss, pre-clip gradient norm). A non-finite loss
     on any rank stops the run before the optimiser touches the weights, after checkpointing them."""
     data_before = run.loader.state_dict()
-    loss = run.stepper.forward_backward(_next_batches(run))
-    (bad,) = run.ctx.any_rank(not bool(torch.isfinite(loss)))
+    loss, grad_sq = run.stepper.forward_backward(_next_batches(run))
+    (bad,) = run.ctx.any_rank(not bool(torch.isfinite(torch.stack((loss, grad_sq))).all()))
     if bad:
         with run.clock.paused():
             path = checkpoint(run, f"step_{run.step:06d}.pt", data=data_before)
-        raise NonFiniteLossError(f"the training loss is {loss.item()} at step {run.step + 1}; stopped. The weights "
-                                 f"before that step are in {path} (try a lower learning rate)")
+        raise NonFiniteLossError(f"the training loss is {loss.item()} (squared gradient norm {grad_sq.item()}) at "
+                                 f"step {run.step + 1} on some rank; stopped. The weights before that step are in "
+                                 f"{path} (try a lower learning rate)")
     cfg = run.cfg
     run.optimizers.set_schedule(mult, muon_momentum_at(run.step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
                                                        cfg.muon_momentum_warmup_steps))
@@ -467,13 +477,16 @@ def artifact_figures(run: Run) -> dict:
     q_model = GPT(art_cfg).to(ctx.device)
     q_model.load_state_dict(state_dict)
     q_model.eval()
-    logits_fn = make_logits_fn(q_model, cfg.compile_model and ctx.on_cuda)
+    logits_fn = make_logits_fn(q_model, cfg.compile_model and ctx.on_cuda, eval_shapes(cfg, ctx.world_size, run.accum))
+    graphs = run.stepper.graphs
     q_loss, q_bpb = evaluate_standard(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len,
-                                      _val_batch_seqs(run), ctx.device, ctx.rank, ctx.world_size)
+                                      val_batch_seqs(cfg, ctx.world_size, run.accum), ctx.device, ctx.rank,
+                                      ctx.world_size, graphs=graphs)
     ctx.log(f"int5 round trip (standard): val_loss {q_loss:.4f} val_bpb {q_bpb:.4f}")
     t = time.perf_counter()
     s_loss, s_bpb = evaluate_sliding(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len, cfg.eval_stride,
-                                     cfg.eval_batch_seqs, ctx.device, ctx.rank, ctx.world_size, progress=True)
+                                     cfg.eval_batch_seqs, ctx.device, ctx.rank, ctx.world_size, progress=True,
+                                     graphs=graphs)
     ctx.log(f"int5 sliding window (stride {cfg.eval_stride}): val_loss {s_loss:.4f} val_bpb {s_bpb:.4f} "
             f"({time.perf_counter() - t:.1f}s)")
     out = {"int5_val_loss": q_loss, "int5_val_bpb": q_bpb, "int5_sliding_val_loss": s_loss,
@@ -485,15 +498,23 @@ def artifact_figures(run: Run) -> dict:
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
-def make_logits_fn(model: torch.nn.Module, compile_model: bool):
+def eval_shapes(cfg: Config, world_size: int, accum: int) -> list[tuple[int, int]]:
+    """The (batch, seq) shapes of the standard and the sliding-window evaluation batches."""
+    return [(val_batch_seqs(cfg, world_size, accum), cfg.eval_seq_len), (cfg.eval_batch_seqs, cfg.eval_seq_len)]
+
+
+def make_logits_fn(model: GPT, compile_model: bool, shapes: list[tuple[int, int]]):
+    """The model's logits function for evaluation batches of these shapes (compiled on CUDA)."""
+    for batch_seqs, seq_len in shapes:
+        model.choose_kernels(batch_seqs, seq_len)
     if compile_model:
         return torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
     return model.forward_logits
 
 
-def _val_batch_seqs(run: Run) -> int:
-    """The seed's VAL_BATCH_SIZE split: tokens per batch over ranks and micro-steps."""
-    return max(1, run.cfg.val_batch_size // (run.ctx.world_size * run.accum * run.cfg.eval_seq_len))
+def val_batch_seqs(cfg: Config, world_size: int, accum: int) -> int:
+    """The seed's VAL_BATCH_SIZE split: sequences per standard-evaluation batch over ranks and micro-steps."""
+    return max(1, cfg.val_batch_size // (world_size * accum * cfg.eval_seq_len))
 
 
 def validation_figures(run: Run) -> tuple[float, float]:
@@ -502,7 +523,8 @@ def validation_figures(run: Run) -> tuple[float, float]:
     run.model.eval()
     try:
         return evaluate_standard(run.logits_fn, run.val_tokens, run.tables, run.cfg.eval_seq_len,
-                                 _val_batch_seqs(run), run.ctx.device, run.ctx.rank, run.ctx.world_size)
+                                 val_batch_seqs(run.cfg, run.ctx.world_size, run.accum), run.ctx.device,
+                                 run.ctx.rank, run.ctx.world_size, graphs=run.stepper.graphs)
     finally:
         run.model.train(was_training)
 

@@ -2,7 +2,6 @@
 against a float64 evaluation of the reference math, loss and both gradients, fp32 and bf16, ragged
 shapes over several chunks and vocab tiles; the per-token NLL; the custom op's registration
 (opcheck, torch.compile); grad_output scaling; that no (N, V) tensor is ever made."""
-import types
 
 import pytest
 import torch
@@ -129,18 +128,23 @@ def test_token_nll(dtype):
 
 
 def test_references_are_the_models_arithmetic():
-    """softcap_*_reference are GPT.loss / GPT.logits (with the final rms_norm of GPT.hidden_states)
-    and evaluate.token_nll, bit for bit, under the autocast the model runs in."""
+    """softcap_*_reference (the model's reference path) and evaluate.token_nll on its logits compute
+    bit for bit the chain the model computed before it was fused, under the autocast it runs in:
+    final rms_norm, tied linear, cap * tanh(z / cap), fp32 cross-entropy."""
     from recycore import ops
     from recycore.evaluate import token_nll
-    from recycore.model import GPT
 
     x, w, t = (a.detach() for a in _inputs(64, 48, 200, torch.float32, torch.bfloat16))
-    model = types.SimpleNamespace(tok_emb=types.SimpleNamespace(weight=w),
-                                  cfg=types.SimpleNamespace(logit_softcap=CAP))
-    model.logits = lambda h: GPT.logits(model, h)
+
+    def logits_of(a):
+        z = F.linear(ops.rms_norm(a), w)
+        return CAP * torch.tanh(z / CAP)
+
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        assert torch.equal(GPT.loss(model, ops.rms_norm(x), t), softcap_cross_entropy_reference(x, w, t, CAP))
+        z = logits_of(x)
+        chain = F.cross_entropy(z.float().reshape(-1, z.size(-1)), t.reshape(-1))
+        assert torch.equal(softcap_logits_reference(x, w, CAP), z)
+        assert torch.equal(softcap_cross_entropy_reference(x, w, t, CAP), chain)
         ref_nll = softcap_token_nll_reference(x, w, t, CAP)
     assert torch.equal(token_nll(lambda a: softcap_logits_reference(a, w, CAP), x, t), ref_nll)
 
