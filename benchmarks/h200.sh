@@ -143,6 +143,25 @@ for s in "$@"; do
               --json "$OUT/eval${mode#--}.json" "$mode"
             record "ARTIFACT=$ARTIFACT bash benchmarks/h200.sh int5" "$OUT/eval${mode#--}.json"
           done ;;
+    # two 200-step runs at 196,608 tokens/step (8 micro-steps of 12 x 2048) in the background, the step
+    # replayed as CUDA graphs and not, iteration-based schedule: their losses must agree (no timing:
+    # they share the GPU with what runs meanwhile); `wait-bg` waits for them
+    bg-lossmatch)
+           for graphs in 1 0; do
+             (timeout "${LOSSMATCH_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --run-id "lossmatch_graphs$graphs" \
+                --cuda-graphs "$graphs" --train-batch-tokens 196608 --iterations "${LOSSMATCH_STEPS:-200}" \
+                --max-wallclock-seconds 0 --warmdown-iters 60 --warmup-steps 20 --val-loss-every 0 --train-log-every 1 \
+                --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt > "$OUT/lossmatch_graphs$graphs.log" 2>&1; \
+              echo "lossmatch_graphs$graphs rc=$?" >> "$OUT/bg.txt") &
+           done ;;
+    wait-bg) start=$SECONDS; wait; SUMMARY+=("$(printf '%-8s %9s %4ss' wait-bg "" "$((SECONDS - start))")")
+             cat "$OUT/bg.txt" 2>/dev/null | tee -a "$LOG"
+             for graphs in 1 0; do tail -4 "$OUT/lossmatch_graphs$graphs.log" | tee -a "$LOG"; done ;;
+    # K3: every fused int5 candidate at every weight shape and M against cuBLAS on the dequantised weight
+    k3table) stage k3table "${K3_LIMIT:-240}" python3 "$R/benchmarks/test_bench_int5.py" --table --out "$OUT" ;;
+    # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)
+    qkbench) stage qkbench "${QK_LIMIT:-120}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
+    headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
