@@ -150,14 +150,14 @@ def test_bench_int5_large_m(benchmark, shape, M, impl):
     if impl == "resident" and K > 512:
         pytest.skip("rows of > 512 values do not fit the resident kernel")
     torch.manual_seed(0)
-<<<<<<< HEAD
     weight, xs = make_weight(N, K), make_xs(M, K, x_buffers(M, K))
     activation = None if impl == "cublas" else activation_of(N, K)
     calls = large_m_calls(op(impl, None, weight, N, K, activation), xs, M, N, K)
     baseline_ms = time_calls(large_m_calls(op("cublas", None, weight, N, K, None), xs, M, N, K), quick=True)
     replay = graph_of(calls)
     ms = gpu_time(benchmark, replay, group=f"K3 int5 {N}x{K} M={M}", label=impl, flops=2 * M * N * K * len(calls),
-                  calls=len(calls), activation=activation or "none", baseline=impl == "cublas") / len(calls)
+                  calls=len(calls), activation=activation or "none", baseline=impl == "cublas",
+                  benchmark="K3 int5 matmul", shape=f"{N}x{K} M={M}") / len(calls)
     benchmark.extra_info.update(ms_per_call=ms, tflops_per_call=2 * M * N * K / ms / 1e9,
                                 speedup_vs_cublas=baseline_ms / ms, cublas_ms_per_call=baseline_ms)
 
@@ -174,16 +174,10 @@ def test_bench_int5_small_m(benchmark, shape, M, mode, impl):
     baseline_ms = time_calls(small_m_calls("cublas", N, K, M, mode), quick=True)
     replay = graph_of(calls)
     ms = gpu_time(benchmark, replay, group=f"K3 int5 {N}x{K} M={M} {mode}", label=impl, calls=len(calls),
-                  flops=2 * M * N * K * len(calls), baseline=impl == "cublas") / len(calls)
+                  flops=2 * M * N * K * len(calls), baseline=impl == "cublas",
+                  benchmark="K3 int5 matmul", shape=f"{N}x{K} M={M} {mode}") / len(calls)
     benchmark.extra_info.update(us_per_call=ms * 1e3, speedup_vs_cublas=baseline_ms / ms,
                                 cublas_us_per_call=baseline_ms * 1e3)
-=======
-    calls = make_calls(impl, make_weights(N, K, weight_copies(N, K, M)), N, K, M)
-    weight_bytes = 2 * N * K if impl == "cublas_bf16" else int5_bytes(N, K)
-    gpu_time(benchmark, as_one_fn(calls), group=f"K3 int5 {N}x{K} M={M}", label=impl,
-             flops=2 * M * N * K * len(calls), bytes_moved=weight_bytes * len(calls), calls=len(calls),
-             baseline=impl == "cublas_bf16", benchmark="K3 int5 matmul", shape=f"{N}x{K} M={M}")
->>>>>>> results
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,8 +132,8 @@ def _softcap(z, inv_cap, cap):
 @triton.jit
 def _softcap_ce_kernel(z_ptr, dz_ptr, targets_ptr, loss_ptr, count_ptr, n_rows, vocab, stride_z, stride_dz,
                        cap, inv_cap, ignore_index,
-                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, ONE_TILE: tl.constexpr,
+                       COMPUTE_GRAD: tl.constexpr, UPCAST: tl.constexpr):
     """Per row: loss = logsumexp(s) - s[t] (0 for ignored rows); with COMPUTE_GRAD, in dz_ptr:
     (softmax(s) - onehot(t)) * (1 - tanh^2) / n_valid, n_valid read from count_ptr."""
     LOG2E_C: tl.constexpr = 1.4426950408889634
@@ -145,7 +145,9 @@ def _softcap_ce_kernel(z_ptr, dz_ptr, targets_ptr, loss_ptr, count_ptr, n_rows, 
     cols = tl.arange(0, BLOCK_V)
     z_row = z_ptr + rows64[:, None] * stride_z
     # Only columns are masked to -inf: padding rows load 0 and stay finite (no inf - inf).
-    if BLOCK_V >= vocab:  # one tile: the row is read once and stays in registers
+    # ONE_TILE (BLOCK_V >= vocab) is a constexpr: the tiles it keeps in registers (p, dtanh) must be
+    # visible to the gradient below, which only a compile-time branch allows
+    if ONE_TILE:  # one tile: the row is read once and stays in registers
         col_mask = cols < vocab
         mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(z_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -177,7 +179,7 @@ def _softcap_ce_kernel(z_ptr, dz_ptr, targets_ptr, loss_ptr, count_ptr, n_rows, 
         row_scale = tl.where(valid, inv_n, 0.0)
         inv_l = 1.0 / l
         dz_row = dz_ptr + rows64[:, None] * stride_dz
-        if BLOCK_V >= vocab:
+        if ONE_TILE:
             g = (p * inv_l[:, None] - (cols[None, :] == tgt[:, None]).to(tl.float32)) * dtanh * row_scale[:, None]
             tl.store(dz_row + cols[None, :], _cast_for(g, dz_ptr, UPCAST), mask=mask)
         else:  # pass 2: re-read each tile (L2-resident at the default chunk size)
@@ -258,7 +260,7 @@ def _head_forward(x: Tensor, weight: Tensor, targets: Tensor, cap: float, gemm_d
         _softcap_ce_kernel[(triton.cdiv(rows, ce_block_m),)](
             z, dz, targets[start:start + rows], losses[start:start + rows], count, rows, V, z.stride(0),
             dz.stride(0), float(cap), 1.0 / float(cap), IGNORE_INDEX,
-            BLOCK_M=ce_block_m, BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, UPCAST=upcast,
+            BLOCK_M=ce_block_m, BLOCK_V=block_v, ONE_TILE=block_v >= V, COMPUTE_GRAD=compute_grad, UPCAST=upcast,
             num_warps=ce_warps)
         if needs_dx:
             dh = dh_buf[:rows]

@@ -54,10 +54,9 @@ class QKPrepConfig(NamedTuple):
     num_warps: int = 4
 
 
-# GPU defaults, not yet measured (32 fp32 values of each tile per thread): to be settled by the
-# sweep in benchmarks/test_bench_qk_prep.py on the H200.
-FWD_CONFIG = QKPrepConfig(16, 4, 4)
-BWD_CONFIG = QKPrepConfig(16, 4, 4)
+# GPU defaults: the fastest of the H200 sweep in benchmarks/test_bench_qk_prep.py (benchmarks/README.md).
+FWD_CONFIG = QKPrepConfig(32, 1, 4)
+BWD_CONFIG = QKPrepConfig(32, 1, 4)
 # The CPU interpreter costs ~5 ms per program: few, larger tiles.
 INTERPRETER_CONFIG = QKPrepConfig(16, 8, 1)
 
