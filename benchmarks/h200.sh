@@ -88,7 +88,7 @@ for s in "$@"; do
     # reference model at the seed's width
     # (TEST_FILES: which test_*.py files, default all of these)
     tests) files=(); for t in ${TEST_FILES:-gemm mlp int5 int5_model model_kernels attention}; do files+=("$R/tests/test_$t.py"); done
-           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -q -x --durations=12 -p no:cacheprovider "${files[@]}" ;;
+           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -q ${PYTEST_X--x} --durations=12 -p no:cacheprovider "${files[@]}" ;;
     # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
     # TORCHINDUCTOR_CACHE_DIR (point it outside the repo to keep it across calls on a warm machine)
     matwarm) mat_warm ;;
