@@ -98,10 +98,10 @@ SPLITK_LARGE = Int5Config("splitk", 256, 128, num_warps=8, num_stages=2, split_k
 # Large M (> SMALL_M_MAX rows, 16-bit x on a GPU), per weight shape (N, K): a config, or "dequant"
 # to decode the matrix into a transient bf16 buffer and call cuBLAS. Shapes not listed: resident
 # for K <= RESIDENT_MAX_K, else stream.
-AUTO_LARGE_M = {
+AUTO_LARGE_M = {  # the H200 table's winners at M = 65,536 (benchmarks/README.md, K3)
     (512, 512): RESIDENT,
     (256, 512): RESIDENT,
-    (1536, 512): RESIDENT,
+    (1536, 512): Int5Config("resident", 32, 64, num_warps=4, num_stages=3, programs_per_sm=2),
     (512, 1536): STREAM,
 }
 # Small M: skinny template tiles (SMALL_M_BLOCK_N weight rows x 16..64 input rows). Small M is
