@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import pickle
 import tarfile
 import zipfile
 from pathlib import Path
@@ -19,11 +20,12 @@ from torch import Tensor
 from recycore import quant
 from recycore.config import MODEL_FIELDS, Config
 from recycore.errors import ArtifactError
-from recycore.files import atomic_write_bytes
+from recycore.files import atomic_write_bytes, zip_damage
 from recycore.model import GPT
 
 BUDGET_BYTES = 16_000_000
 LZMA_PRESET = 9
+MAX_DECOMPRESSED_BYTES = 1 << 30  # what read_artifact inflates at most
 CODE_PACKAGES = ("recycore", "recycore.kernels")
 
 
@@ -102,7 +104,10 @@ def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: st
     """Write the artifact atomically -> dict(model_bytes, code_bytes, total_bytes, ...); code_bytes is
     the raw source size unless code_size="lzma". Over the budget it raises BudgetError and writes
     nothing (an existing file at `path` stays as it was), unless allow_over_budget."""
-    blob = serialize_artifact(state_dict, cfg, scheme, int5_storage)
+    try:
+        blob = serialize_artifact(state_dict, cfg, scheme, int5_storage)
+    except ValueError as exc:  # e.g. a state dict that does not fit the config
+        raise ArtifactError(f"{exc}; nothing was written to {path}") from exc
     sizes = code_sizes()
     code_bytes = sizes[code_size]
     result = {"path": str(path), "scheme": scheme, "model_bytes": len(blob), "code_bytes": code_bytes,
@@ -112,7 +117,11 @@ def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: st
     if over > 0 and not allow_over_budget:
         raise BudgetError(f"the artifact ({len(blob):,} bytes) plus code ({code_bytes:,}) is {over:,} bytes over "
                           f"the {BUDGET_BYTES:,}-byte budget; nothing was written to {path}")
-    atomic_write_bytes(path, blob)
+    try:
+        atomic_write_bytes(path, blob)
+    except OSError as exc:
+        raise ArtifactError(f"could not write {path} ({exc.strerror or type(exc).__name__}); nothing was written "
+                            "there") from exc
     return result
 
 
@@ -146,8 +155,9 @@ def fit_floor(state_dict: dict[str, Tensor], cfg: Config, code_size: str = "raw"
 # Load
 # ---------------------------------------------------------------------------
 def read_artifact(path) -> dict:
-    """The artifact's top-level dict, with clear errors for a missing, truncated, corrupted or
-    mistaken file (a training checkpoint is named as one)."""
+    """The artifact's top-level dict, with clear errors for a missing, truncated, corrupted,
+    code-carrying or mistaken file (a training checkpoint is named as one). Read as data only
+    (weights_only=True), after the LZMA stream's own check and the inner zip's CRC-32s."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
@@ -155,19 +165,46 @@ def read_artifact(path) -> dict:
     if zipfile.is_zipfile(io.BytesIO(blob)):
         raise ArtifactError(f"{path} is a training checkpoint (or a plain torch.save file), not an artifact; "
                             f"export it first with `recycore export {path} -o ARTIFACT`")
+    raw = _decompress(blob, path)
     try:
-        raw = lzma.decompress(blob)
-    except lzma.LZMAError as exc:
-        raise ArtifactError(f"artifact {path} is not a complete LZMA stream; "
-                            "the file is truncated or corrupted") from exc
+        damaged = zip_damage(io.BytesIO(raw)) if zipfile.is_zipfile(io.BytesIO(raw)) else None
+    except Exception as exc:  # zipfile raises many kinds for a damaged container
+        raise ArtifactError(f"artifact {path} decompresses but is not a readable torch.save container "
+                            f"({type(exc).__name__})") from exc
+    if damaged is not None:
+        raise ArtifactError(f"artifact {path} is corrupt: its member {damaged} fails its CRC-32 check")
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise ArtifactError(f"artifact {path} holds objects other than tensors and plain data; refused "
+                                "(files are loaded as data only, never as code)") from exc
+        raise ArtifactError(f"artifact {path} decompresses but is not a readable torch.save container "
+                            f"({type(exc).__name__})") from exc
     except Exception as exc:  # torch raises many kinds for a damaged container; all mean the same here
         raise ArtifactError(f"artifact {path} decompresses but is not a readable torch.save container "
                             f"({type(exc).__name__})") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("w"), dict) or not isinstance(obj.get("m"), dict):
         raise ArtifactError(f"artifact {path} lacks the 'w' (tensors) and 'm' (formats) dicts")
     return obj
+
+
+def _decompress(blob: bytes, path) -> bytes:
+    """The one LZMA stream of an artifact, at most MAX_DECOMPRESSED_BYTES of it (a 16 MB artifact
+    holds tens of MB; a hostile stream could expand ~1000x)."""
+    decompressor = lzma.LZMADecompressor()
+    try:
+        raw = decompressor.decompress(blob, max_length=MAX_DECOMPRESSED_BYTES)
+    except lzma.LZMAError as exc:
+        raise ArtifactError(f"artifact {path} is not a complete LZMA stream; "
+                            "the file is truncated or corrupted") from exc
+    if not decompressor.eof and not decompressor.needs_input:
+        raise ArtifactError(f"artifact {path} decompresses to more than {MAX_DECOMPRESSED_BYTES:,} bytes; refused")
+    if not decompressor.eof or decompressor.unused_data:
+        raise ArtifactError(f"artifact {path} is not a complete LZMA stream"
+                            + (" (bytes follow its end)" if decompressor.eof else "")
+                            + "; the file is truncated or corrupted")
+    return raw
 
 
 def artifact_config(obj: dict, cfg: Config | None) -> Config:

@@ -122,10 +122,17 @@ class TokenStream:
         return {"file_idx": self.file_idx, "pos": self.pos, "files": [str(f) for f in self.files]}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"files", "file_idx", "pos"} <= set(state):
+            raise DataError("the data stream's state must be a dict of files, file_idx and pos")
         if [str(f) for f in self.files] != state["files"]:
-            raise ValueError("the data stream's shard list differs from the checkpoint's; "
-                             "resume with the same DATA_PATH")
-        self.file_idx, self.pos = state["file_idx"], state["pos"]
+            raise DataError("the data stream's shard list differs from the checkpoint's; "
+                            "resume with the same DATA_PATH")
+        file_idx, pos = state["file_idx"], state["pos"]
+        if (not isinstance(file_idx, int) or not isinstance(pos, int) or isinstance(file_idx, bool)
+                or not 0 <= file_idx < len(self.files) or pos < 0):
+            raise DataError(f"the data stream's position (file {file_idx!r:.20}, token {pos!r:.20}) is not in "
+                            f"its {len(self.files)} shards")
+        self.file_idx, self.pos = file_idx, pos
         self.tokens = read_shard(self.files[self.file_idx])
 
 

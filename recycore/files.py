@@ -2,12 +2,17 @@
 
 The bytes go to a temporary file in the destination's folder, are flushed and fsynced, then
 `os.replace` puts them in place and the folder is fsynced; on any failure the temporary file is
-removed and the destination is untouched."""
+removed and the destination is untouched. (A process killed outright, SIGKILL or power loss, cannot
+remove it: a stray `.NAME.*.tmp` may stay beside the destination, which itself is intact.)
+
+`zip_damage` checks the CRC-32 of every member of a zip container (a torch.save file), which
+torch.load does not: a flipped bit in a tensor's bytes would otherwise load as other numbers."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -47,3 +52,11 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def zip_damage(file) -> str | None:
+    """The name of the first member of the zip container `file` (a path or a binary file object)
+    whose bytes fail their CRC-32 check, else None. A container too damaged to read raises
+    (zipfile.BadZipFile and others); the caller turns that into its own error."""
+    with zipfile.ZipFile(file) as archive:
+        return archive.testzip()

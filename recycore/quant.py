@@ -23,6 +23,8 @@ seed's loader reads any of them:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -282,7 +284,7 @@ def dequantize_state_dict(w: dict[str, Tensor], m: dict, template: dict[str, Ten
     mis-shaped tensors raise ArtifactError naming the tensor."""
     if not isinstance(w, dict) or not isinstance(m, dict):
         raise ArtifactError("artifact's 'w' and 'm' must be dicts")
-    extra = sorted(set(m) - set(template))
+    extra = sorted(map(str, set(m) - set(template)))
     if extra:
         raise ArtifactError(f"artifact holds tensor {extra[0]} that the config's model does not have "
                             f"({len(extra)} such); does the config match the artifact?")
@@ -299,27 +301,43 @@ def dequantize_state_dict(w: dict[str, Tensor], m: dict, template: dict[str, Ten
 
 
 def _dequantize_one(name: str, fmt, w: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """One tensor of the template from its artifact entries; ArtifactError for a missing entry, a
+    non-tensor, or a dtype the format does not allow (an integer tensor where the model holds floats,
+    non-int8 int8 data, non-float scales, a shape tensor that is not a list of sizes)."""
     def get(key: str) -> Tensor:
         if key not in w:
-            raise ArtifactError(f"artifact lacks tensor {key} (format {fmt!r} of {name})")
+            raise ArtifactError(f"artifact lacks tensor {key} (format {fmt!r:.60} of {name})")
         if not isinstance(w[key], Tensor):
             raise ArtifactError(f"artifact entry {key} is a {type(w[key]).__name__}, not a tensor")
         return w[key]
 
     if fmt in (PASSTHROUGH, PASSTHROUGH_CTRL, "passthrough_fp16"):
         t = get(name)
-        return t.to(dtype) if t.is_floating_point() else t
+        if t.is_floating_point() != dtype.is_floating_point or (not t.is_floating_point() and t.dtype != dtype):
+            raise ArtifactError(f"tensor {name} is {t.dtype} in the artifact but the config's model holds {dtype}")
+        return t.to(dtype)
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == INT5_PACKED:
-        shape = get(name + ".shape")
-        q = unpack_int5(get(name + ".q"), shape.tolist())
+        q = unpack_int5(get(name + ".q"), _stored_shape(name, get(name + ".shape")))
     elif kind == INT8:
         q = get(name + ".q")
         if q.dtype != torch.int8:
             raise ArtifactError(f"int8 data of {name} is {q.dtype}, not int8")
     else:
-        raise ArtifactError(f"tensor {name} has unknown format {fmt!r}")
+        raise ArtifactError(f"tensor {name} has unknown format {fmt!r:.60}")
     scale = get(name + ".scale")
+    if not scale.is_floating_point():
+        raise ArtifactError(f"{name}.scale is {scale.dtype}, not a float tensor")
     if scale.ndim > 0 and (q.ndim == 0 or scale.numel() != q.shape[0]):
         raise ArtifactError(f"{name}.scale has {scale.numel()} entries for {tuple(q.shape)} values")
     return _scaled(q, scale, dtype)
+
+
+def _stored_shape(name: str, shape: Tensor) -> list[int]:
+    """The sizes an int5 entry's .shape tensor holds (whole non-negative numbers, at most 8 of them)."""
+    if shape.ndim != 1 or shape.numel() > 8 or shape.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ArtifactError(f"{name}.shape must be a short 1-D list of sizes, got {shape.dtype} {tuple(shape.shape)}")
+    sizes = shape.tolist()
+    if any(not math.isfinite(size) or size != int(size) or size < 0 for size in sizes):
+        raise ArtifactError(f"{name}.shape holds {sizes}, not sizes")
+    return [int(size) for size in sizes]

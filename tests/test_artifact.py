@@ -260,6 +260,26 @@ def test_export_over_budget_writes_nothing(trained, tmp_path, monkeypatch, capsy
     assert artifact.read_artifact(out)["scheme"] == "seed"
 
 
+def test_failed_export_writes_nothing(trained, tmp_path, capsys):
+    """An export that fails (a state dict that does not fit the config) says it wrote nothing, and an
+    artifact already there stays byte-identical, with no temporary file beside it."""
+    out = tmp_path / "o.ptz"
+    out.write_bytes(b"the previous artifact")
+    with pytest.raises(ArtifactError, match=r"mlp_up_bank has shape .*; nothing was written to " + str(out)):
+        artifact.export_artifact(trained, CFG.replace(mlp_mult=2.0), out)
+    checkpoint = tmp_path / "plain.pt"
+    torch.save(trained, checkpoint)  # the CLI: flags that do not fit the state dict
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", str(checkpoint), "-o", str(out), "--num-layers", "4", "--model-dim", "128",
+                  "--num-heads", "4", "--num-kv-heads", "2", "--ve-layers", "2,3", "--recycle-layers", "1",
+                  "--xsa-last-n", "2", "--rope-dims", "8", "--bigram-vocab-size", "64"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("recycore export: error: ") and f"nothing was written to {out}" in err
+    assert out.read_bytes() == b"the previous artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ptz", "plain.pt"]
+
+
 def test_eval_of_a_broken_artifact_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"\xfd7zXZ\x00 truncated")

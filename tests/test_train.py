@@ -1,6 +1,6 @@
 """recycore/train.py on CPU with a tiny model on tiny shards: the loss falls,
 outputs are written, resume is exact, the warm-up restores its start, late QAT
-and SWA/EMA follow their thresholds, Ctrl-C checkpoints, 2 gloo ranks match one
+and SWA/EMA follow their thresholds, Ctrl-C and SIGTERM checkpoint, 2 gloo ranks match one
 process, and bad input fails early with a clear message."""
 import argparse
 import json
@@ -130,23 +130,27 @@ def test_warmup_steps_restore_the_start(tiny_data, tmp_path):
     assert train_losses(tmp_path / "cold.jsonl") == train_losses(tmp_path / "warm.jsonl")
 
 
-def test_ctrl_c_writes_a_checkpoint_that_resumes(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_writes_a_checkpoint_that_resumes(tiny_data, tmp_path, monkeypatch, sig):
+    """SIGTERM (torchrun, schedulers) is handled like Ctrl-C: a checkpoint at the next step boundary,
+    both previous handlers restored, and the run resumes from it."""
     calls = {"n": 0}
     original = DistributedTokenLoader.next_batch
 
     def next_batch(self, *args):
         calls["n"] += 1
         if calls["n"] == 3:  # during step 3
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return original(self, *args)
 
     monkeypatch.setattr(DistributedTokenLoader, "next_batch", next_batch)
-    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
-    cfg = tiny_cfg(tiny_data, run_id="sigint", iterations=1000)
+    # Python's default, or SIG_IGN in a background job
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    cfg = tiny_cfg(tiny_data, run_id=sig.name.lower(), iterations=1000)
     out = train(cfg, checkpoint_dir=tmp_path, log_dir=tmp_path)
-    assert out["interrupted"] and out["step"] == 3
+    assert out["interrupted"] and out["step"] == 3 and out["signal"] == sig.name
     assert load_checkpoint(out["checkpoint"])["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     monkeypatch.setattr(DistributedTokenLoader, "next_batch", original)
     resumed = train(cfg.replace(iterations=5, val_max_tokens=64), checkpoint_dir=tmp_path, log_dir=tmp_path,
                     resume=out["checkpoint"])
