@@ -437,27 +437,36 @@ def finish(run: Run) -> dict:
     run.record(event="final", **{k: v for k, v in results.items() if isinstance(v, (int, float, str)) or v is None})
     if ctx.master:
         results["plot"] = plot_losses(ctx, run.records, run.log_dir / f"{cfg.run_id}.png")
-    ctx.log("final " + json.dumps({k: v for k, v in results.items() if "val_bpb" in k or k.endswith("bytes")}))
+    from recycore.artifact import BUDGET_BYTES
+    from recycore.console import training_summary
+
+    # one summary to end on; every figure is in the metrics file's "final" record
+    for line in training_summary(results, cfg.eval_stride, BUDGET_BYTES):
+        ctx.log(line)
     return results
 
 
 def _peak_memory(ctx: Context) -> dict:
+    """The CUDA allocator's peaks; on the CPU the process's peak resident set."""
     if not ctx.on_cuda:
-        return {}
-    memory = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-    ctx.log(f"peak memory allocated {memory['peak_allocated_gib']:.2f} GiB, "
-            f"reserved {memory['peak_reserved_gib']:.2f} GiB")
-    return memory
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+        return {"peak_rss_gib": kib * (1 if sys.platform == "darwin" else 1024) / 2**30}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def artifact_figures(run: Run) -> dict:
     """Export the int5 artifact of the kept weights, load it back, evaluate it (standard and sliding)."""
     ctx, cfg = run.ctx, run.cfg
+    from recycore.artifact import evaluation_record
+
     path = run.run_dir / "final_model.int5.ptz"
     sizes = {}
-    if ctx.master:
-        sizes = export_artifact(run.model.state_dict(), cfg, path, allow_over_budget=True)
+    if ctx.master:  # the artifact records how it is evaluated here, for `recycore eval` to reproduce
+        sizes = export_artifact(run.model.state_dict(), cfg, path, allow_over_budget=True,
+                                evaluation=evaluation_record(cfg))
         over = sizes["total_bytes"] - sizes["budget_bytes"]
         ctx.log(f"artifact: {path} model {sizes['model_bytes']:,} + code {sizes['code_bytes']:,} = "
                 f"{sizes['total_bytes']:,} bytes (budget {sizes['budget_bytes']:,}"
@@ -469,7 +478,7 @@ def artifact_figures(run: Run) -> dict:
     q_model.eval()
     logits_fn = make_logits_fn(q_model, cfg.compile_model and ctx.on_cuda)
     q_loss, q_bpb = evaluate_standard(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len,
-                                      _val_batch_seqs(run), ctx.device, ctx.rank, ctx.world_size)
+                                      _val_batch_seqs(run), ctx.device, ctx.rank, ctx.world_size, progress=True)
     ctx.log(f"int5 round trip (standard): val_loss {q_loss:.4f} val_bpb {q_bpb:.4f}")
     t = time.perf_counter()
     s_loss, s_bpb = evaluate_sliding(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len, cfg.eval_stride,
