@@ -116,8 +116,7 @@ def run_demo(args) -> dict:
     cfg = config_from(args, **PRESETS["demo"]).replace(data_path=str(data_path), tokenizer_path=str(tokenizer_path))
     results = train(cfg)
     if "int5_sliding_val_bpb" in results:
-        print(f"next: `recycore eval {results['artifact']}` evaluates the artifact again (the same figures); "
-              "`recycore train --help` lists every setting")
+        print(f"evaluate it again (the same figures): recycore eval {results['artifact']}")
         print(headline(results["int5_sliding_val_bpb"], f"int5 artifact, sliding window (stride {cfg.eval_stride})",
                        results.get("total_bytes"), BUDGET_BYTES))
     return results
@@ -180,7 +179,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint (a dict with 'model' and 'config': its model, "
                         "eval settings and data paths are recorded) or a plain state dict (the model then comes "
                         "from the flags/env)")
-    parser.add_argument("-o", "--output", default="final_model.int5.ptz",
+    parser.add_argument("-o", "--output", default="final_model.int5.ptz", metavar="ARTIFACT",
                         help="the artifact to write (default final_model.int5.ptz)")
     parser.add_argument("--scheme", type=_scheme, default="seed", metavar="|".join((*quant.SCHEMES, "rowfloor:F", "fit")),
                         help="seed: the seed's quantiser, byte for byte; rowmse: no scale floor, per-row clip "
@@ -417,7 +416,7 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--paths", default=None,
                         help=f"comma-separated micro-step paths (of {', '.join(PATHS)}); default: "
                              f"{SUITE_PATHS} for the suite, {PROFILE_PATHS} for --profile")
-    parser.add_argument("--autotune-archive", default=None,
+    parser.add_argument("--autotune-archive", default=None, metavar="TGZ",
                         help="inductor autotuning decisions (.tgz) to seed the cache with before compiling; "
                              "'none' for none (default: RECYCORE_AUTOTUNE_ARCHIVE, else the committed H200 one)")
     parser.add_argument("--batch-seqs", type=integer, default=48,
@@ -427,7 +426,7 @@ def add_bench_arguments(parser) -> None:
                         "suite; none for --profile)")
     parser.add_argument("-k", dest="select", default=None, metavar="EXPRESSION",
                         help="pytest -k expression to pick benchmarks (default: all)")
-    add_config_flags(parser, ("model", "execution"))
+    add_config_flags(parser, ("model", "execution"), {"model": "model (the micro-step's shapes)"})
 
 
 def run_bench(args) -> None:
