@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from recycore.config import GROUPS, MODEL_FIELDS, PRESETS, Config, env_values, parse_bool, parse_field, type_name
+from recycore.config import GROUPS, MODEL_FIELDS, PRESETS, Config, env_values, parse_field, type_name
 
 ALL_GROUPS = tuple(GROUPS)
 
