@@ -216,7 +216,7 @@ def describe_torch_file(path, blob: bytes) -> str:
     if not zipfile.is_zipfile(io.BytesIO(blob)):
         return f"{path} is a truncated or damaged torch.save file (a training checkpoint cut short?), not an artifact"
     try:
-        obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
     except Exception:  # any unreadable content: the message only describes the file
         return f"{path} is an unreadable torch.save file, not an artifact"
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj:

@@ -459,9 +459,9 @@ def _peak_memory(ctx: Context) -> dict:
 
 def artifact_figures(run: Run) -> dict:
     """Export the int5 artifact of the kept weights, load it back, evaluate it (standard and sliding)."""
-    ctx, cfg = run.ctx, run.cfg
     from recycore.artifact import evaluation_record
 
+    ctx, cfg = run.ctx, run.cfg
     path = run.run_dir / "final_model.int5.ptz"
     sizes = {}
     if ctx.master:  # the artifact records how it is evaluated here, for `recycore eval` to reproduce
