@@ -11,7 +11,7 @@ setup(
     packages=["recycore", "recycore.kernels"],
     package_dir={"recycore": "recycore", "recycore.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "sentencepiece"],
+    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "sentencepiece", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "plot": ["matplotlib"],

@@ -2,11 +2,15 @@
 
 Container (the seed's): lzma(preset 9) of torch.save({"w": tensors, "m": formats, ...})
 with recycore.quant's names and formats. We add keys the seed's loader never
-reads: "config" (the model fields of the Config), "scheme" (the quantiser) and
-"int5_storage". Seed-written artifacts have none; their config comes from flags/env.
+reads: "config" (the model fields of the Config), "scheme" (the quantiser),
+"int5_storage" and "evaluation" (how the training run evaluated it: the eval
+settings, where its data and tokenizer were, the tokenizer's sha256 and vocab size;
+`recycore eval` starts from these). Seed-written artifacts have none; their config
+comes from flags/env.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import lzma
 import pickle
@@ -19,6 +23,7 @@ from torch import Tensor
 
 from recycore import quant
 from recycore.config import MODEL_FIELDS, Config
+from recycore.console import Progress
 from recycore.errors import ArtifactError
 from recycore.files import atomic_write_bytes, zip_damage
 from recycore.model import GPT
@@ -27,6 +32,8 @@ BUDGET_BYTES = 16_000_000
 LZMA_PRESET = 9
 MAX_DECOMPRESSED_BYTES = 1 << 30  # what read_artifact inflates at most
 CODE_PACKAGES = ("recycore", "recycore.kernels")
+# The settings an artifact records so that `recycore eval` reproduces its training run's figures.
+EVAL_FIELDS = ("eval_seq_len", "eval_stride", "eval_batch_seqs", "val_max_tokens", "val_batch_size")
 
 
 # ---------------------------------------------------------------------------
@@ -83,15 +90,35 @@ def check_state_dict(state_dict: dict[str, Tensor], cfg: Config) -> None:
                              f"{tuple(ref.shape)}")
 
 
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def evaluation_record(cfg: Config) -> dict:
+    """What evaluating an artifact as `cfg`'s run did takes: the eval settings, the data and tokenizer
+    paths (absolute; hints, the data may move) and the tokenizer's identity (sha256 of the .model file,
+    when it is there, and the vocab size)."""
+    record = {name: getattr(cfg, name) for name in EVAL_FIELDS}
+    record["data_path"] = str(Path(cfg.data_path).resolve())
+    record["tokenizer_path"] = str(Path(cfg.tokenizer_path).resolve())
+    if Path(cfg.tokenizer_path).is_file():
+        record["tokenizer_sha256"] = file_sha256(cfg.tokenizer_path)
+    record["tokenizer_vocab_size"] = cfg.vocab_size
+    return record
+
+
 def serialize_artifact(state_dict: dict[str, Tensor], cfg: Config, scheme: str = "seed",
-                       int5_storage: str = "packed") -> bytes:
-    """The artifact's bytes for a banked state dict (see quant.quantize_state_dict)."""
+                       int5_storage: str = "packed", evaluation: dict | None = None) -> bytes:
+    """The artifact's bytes for a banked state dict (see quant.quantize_state_dict); `evaluation`
+    (evaluation_record) is stored when given."""
     check_state_dict(state_dict, cfg)
     flat = quant.unbank_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, cfg.num_layers)
     w, m = quant.quantize_state_dict(flat, scheme, int5_storage)
+    obj = {"w": w, "m": m, "config": cfg.model_dict(), "scheme": scheme, "int5_storage": int5_storage}
+    if evaluation is not None:
+        obj["evaluation"] = evaluation
     buf = io.BytesIO()  # a buffer, as the seed: torch.save names the zip's folder after a file
-    torch.save({"w": w, "m": m, "config": cfg.model_dict(), "scheme": scheme, "int5_storage": int5_storage},
-               buf)
+    torch.save(obj, buf)
     return lzma.compress(buf.getvalue(), preset=LZMA_PRESET)
 
 
@@ -100,12 +127,14 @@ class BudgetError(ArtifactError):
 
 
 def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: str = "seed",
-                    code_size: str = "raw", int5_storage: str = "packed", allow_over_budget: bool = False) -> dict:
+                    code_size: str = "raw", int5_storage: str = "packed", allow_over_budget: bool = False,
+                    evaluation: dict | None = None) -> dict:
     """Write the artifact atomically -> dict(model_bytes, code_bytes, total_bytes, ...); code_bytes is
     the raw source size unless code_size="lzma". Over the budget it raises BudgetError and writes
-    nothing (an existing file at `path` stays as it was), unless allow_over_budget."""
+    nothing (an existing file at `path` stays as it was), unless allow_over_budget. `evaluation`:
+    see evaluation_record."""
     try:
-        blob = serialize_artifact(state_dict, cfg, scheme, int5_storage)
+        blob = serialize_artifact(state_dict, cfg, scheme, int5_storage, evaluation)
     except ValueError as exc:  # e.g. a state dict that does not fit the config
         raise ArtifactError(f"{exc}; nothing was written to {path}") from exc
     sizes = code_sizes()
@@ -126,29 +155,38 @@ def export_artifact(state_dict: dict[str, Tensor], cfg: Config, path, scheme: st
 
 
 def fit_floor(state_dict: dict[str, Tensor], cfg: Config, code_size: str = "raw", int5_storage: str = "packed",
-              steps: int = 6, log=print) -> str:
+              steps: int = 6, log=print, evaluation: dict | None = None) -> str:
     """The "rowfloor:F" scheme with the smallest floor F in [0, 1/15] whose artifact plus code
     fits BUDGET_BYTES, by bisection (bytes fall as F grows: a coarser step, fewer levels).
     Only sizes decide, never validation data. When even F = 1/15 does not fit, that is
-    returned and the export reports the overflow."""
+    returned and the export reports the overflow. `evaluation` is what the export will store
+    (its bytes count too)."""
     limit = BUDGET_BYTES - code_sizes()[code_size]
+    sizes = {}
+    bar = Progress(steps + 2, "fit: bisecting the int5 floor", "exports")
 
     def size(floor: float) -> int:
-        n = len(serialize_artifact(state_dict, cfg, f"rowfloor:{floor}", int5_storage))
-        log(f"  fit: rowfloor:{floor} -> {n:,} model bytes ({'fits' if n <= limit else 'over'} {limit:,})")
-        return n
+        sizes[floor] = len(serialize_artifact(state_dict, cfg, f"rowfloor:{floor}", int5_storage, evaluation))
+        bar.update(1, note=f"rowfloor:{floor} -> {sizes[floor]:,} bytes")
+        return sizes[floor]
 
     lo, hi = 0.0, round(1.0 / quant.INT5_MAX, 5)
-    if size(hi) > limit:
-        return f"rowfloor:{hi}"
-    if size(lo) <= limit:
-        return f"rowfloor:{lo}"
-    for _ in range(steps):
-        mid = round((lo + hi) / 2, 5)
-        if mid in (lo, hi):
-            break
-        lo, hi = (lo, mid) if size(mid) <= limit else (mid, hi)
-    return f"rowfloor:{hi}"
+    with bar:
+        if size(hi) > limit:
+            chosen = hi
+        elif size(lo) <= limit:
+            chosen = lo
+        else:
+            for _ in range(steps):
+                mid = round((lo + hi) / 2, 5)
+                if mid in (lo, hi):
+                    break
+                lo, hi = (lo, mid) if size(mid) <= limit else (mid, hi)
+            chosen = hi
+    log(f"fit: rowfloor:{chosen} -> {sizes[chosen]:,} model bytes "
+        f"({'within' if sizes[chosen] <= limit else 'over'} the {limit:,} left beside the code; "
+        f"{len(sizes)} trial exports)")
+    return f"rowfloor:{chosen}"
 
 
 # ---------------------------------------------------------------------------
@@ -162,9 +200,8 @@ def read_artifact(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
     blob = path.read_bytes()
-    if zipfile.is_zipfile(io.BytesIO(blob)):
-        raise ArtifactError(f"{path} is a training checkpoint (or a plain torch.save file), not an artifact; "
-                            f"export it first with `recycore export {path} -o ARTIFACT`")
+    if blob.startswith(ZIP_MAGIC):
+        raise ArtifactError(describe_torch_file(path, blob))
     raw = _decompress(blob, path)
     try:
         damaged = zip_damage(io.BytesIO(raw)) if zipfile.is_zipfile(io.BytesIO(raw)) else None
@@ -207,6 +244,37 @@ def _decompress(blob: bytes, path) -> bytes:
     return raw
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's container: training checkpoints, state dicts
+
+
+def describe_torch_file(path, blob: bytes) -> str:
+    """Why a torch.save (zip) file is not an artifact, naming what it is and what to do."""
+    export = f"; export it first with `recycore export {path} -o {Path(path).stem}.int5.ptz`"
+    if not zipfile.is_zipfile(io.BytesIO(blob)):
+        return f"{path} is a truncated or damaged torch.save file (a training checkpoint cut short?), not an artifact"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
+    except Exception:  # any unreadable content: the message only describes the file
+        return f"{path} is an unreadable torch.save file, not an artifact"
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj:
+        run = obj["config"].get("run_id") or "?"
+        return f"{path} is a training checkpoint (run {run}, step {obj.get('step', '?')}), not an artifact" + export
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return f"{path} is a plain state dict ({len(obj)} tensors), not an artifact" + export + " and model flags"
+    return f"{path} is a torch.save file holding a {type(obj).__name__}, not an artifact"
+
+
+def artifact_evaluation(obj: dict) -> dict:
+    """The artifact's evaluation record (see evaluation_record); {} for a seed artifact or one written
+    before artifacts kept it."""
+    record = obj.get("evaluation")
+    if record is None:
+        return {}
+    if not isinstance(record, dict) or not all(isinstance(k, str) for k in record):
+        raise ArtifactError(f"the artifact's evaluation record is malformed: {record!r:.200}")
+    return record
+
+
 def artifact_config(obj: dict, cfg: Config | None) -> Config:
     """The artifact's model fields over `cfg` (or the defaults); `cfg` alone for a
     seed artifact, which carries no config."""
@@ -236,7 +304,8 @@ def load_artifact(path, cfg: Config | None = None) -> tuple[dict[str, Tensor], C
         raise ArtifactError(f"artifact {path}: {exc}") from None
     state_dict = quant.rebank_state_dict(flat, cfg.num_layers, template)
     info = {"formats": obj["m"], "scheme": obj.get("scheme", "seed (no scheme recorded)"),
-            "has_config": "config" in obj, "model_bytes": Path(path).stat().st_size}
+            "has_config": "config" in obj, "model_bytes": Path(path).stat().st_size,
+            "evaluation": artifact_evaluation(obj)}
     return state_dict, cfg, info
 
 

@@ -11,14 +11,20 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 
-GROUPS = {  # group -> heading of its flags in --help
-    "data": "data",
+from recycore.errors import RecycoreError
+
+GROUPS = {  # group -> heading of its flags in --help, in the order --help lists them
     "model": "model (the artifact records these)",
-    "execution": "execution (kernels, compilation, CUDA graphs)",
     "training": "training",
     "eval": "evaluation",
+    "data": "data",
+    "execution": "execution (kernels, compilation, CUDA graphs)",
 }
 KERNEL_CHOICES = ("auto", "fused", "reference")
+
+
+class ConfigError(RecycoreError):
+    """A config value that is out of range or does not fit the other fields; one line naming the field."""
 
 
 def _field(default, group: str, help: str, **kwargs):
@@ -65,7 +71,8 @@ class Config:
     parallel_residual_last_n: int = _field(0, "model", "parallel attention+MLP residual on the last N layers")
     # --- execution ---
     kernels: str = _field("auto", "execution",
-                          "auto: the fused Triton kernels on CUDA, plain torch on the CPU; fused; reference")
+                          "auto: the fused Triton kernels on CUDA, plain torch on the CPU; fused: the Triton "
+                          "kernels everywhere (interpreted on the CPU: slow); reference: plain torch")
     compile_model: bool = _field(True, "execution", "torch.compile the model on CUDA (ignored on the CPU)")
     cuda_graphs: bool = _field(True, "execution",
                                "replay the training step and evaluation forwards as CUDA graphs (CUDA only)")
@@ -105,9 +112,13 @@ class Config:
     # --- evaluation (SPEC §5) ---
     eval_seq_len: int = _field(2048, "eval", "evaluation window length")
     eval_stride: int = _field(64, "eval", "sliding-window stride (tokens scored per later window)")
-    eval_batch_seqs: int = _field(32, "eval", "windows per evaluation batch")
-    val_batch_size: int = _field(524_288, "eval", "tokens per standard-evaluation batch, over all ranks")
+    eval_batch_seqs: int = _field(32, "eval", "windows per evaluation batch (per rank)")
+    val_batch_size: int = _field(524_288, "training", "tokens per validation batch while training, over all ranks "
+                                 "and micro-steps, as the seed (recycore eval batches by EVAL_BATCH_SEQS)")
     val_max_tokens: int = _field(0, "eval", "cap on the validation tokens (0: the whole split)")
+    # Not a field: the names the user set (env, flags), so that an error blames the field they chose
+    # (MODEL_DIM=7 is model_dim's fault, not num_heads') -- Config(**values, explicit={...}).
+    explicit: dataclasses.InitVar[frozenset] = frozenset()
 
     # ---- derived -----------------------------------------------------------
     @property
@@ -127,15 +138,22 @@ class Config:
         return tuple(range(max(0, self.num_layers - self.xsa_last_n), self.num_layers))
 
     # ---- validation --------------------------------------------------------
-    def __post_init__(self):
+    def __post_init__(self, explicit=frozenset()):
         for f in fields(self):  # env strings, flags and stored configs may give lists as "3,4" or [3, 4]
             if f.type == "tuple[int, ...]" and not isinstance(getattr(self, f.name), tuple):
                 setattr(self, f.name, _int_list(getattr(self, f.name)))
-        self.validate()
+        self.validate(explicit)
 
-    def validate(self) -> None:
+    def validate(self, explicit=()) -> None:
+        """ConfigError naming the bad field. When a rule ties fields together (model_dim and num_heads),
+        the error names first the field of `explicit` (the ones the user set) that takes part in it."""
         def bad(name, why):
-            raise ValueError(f"invalid config: {name}={getattr(self, name)!r}: {why}")
+            raise ConfigError(f"invalid config: {name}={getattr(self, name)!r}: {why}")
+
+        def conflict(rule, *names):  # names[0] is blamed unless the user set another of them
+            first = next((n for n in names if n in explicit), names[0])
+            others = ", ".join(f"{n}={getattr(self, n)!r}" for n in names if n != first)
+            raise ConfigError(f"invalid config: {first}={getattr(self, first)!r} (with {others}): {rule}")
 
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                      "train_seq_len", "train_batch_tokens", "eval_seq_len", "eval_stride",
@@ -147,34 +165,40 @@ class Config:
                      "parallel_residual_last_n", "val_max_tokens", "checkpoint_every", "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 bad(name, "must not be negative")
-        if self.model_dim % self.num_heads:
-            bad("num_heads", f"must divide model_dim={self.model_dim}")
-        if self.num_heads % self.num_kv_heads:
-            bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
-        if self.head_dim % 2:
-            bad("model_dim", f"gives an odd head_dim={self.head_dim}; RoPE needs it even")
-        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
-            bad("rope_dims", f"must be even and at most head_dim={self.head_dim}")
+        self._validate_shapes(conflict)
         if self.rope_dims == 2:
             bad("rope_dims", "must be 0 or >= 4 (NTK scaling divides by rope_dims - 2)")
         if self.mlp_dim <= 0:
             bad("mlp_mult", "gives an empty MLP")
         if self.bigram_vocab_size == 1:
             bad("bigram_vocab_size", "must be 0 (off) or at least 2")
-        for name in ("recycle_layers", "ve_layers"):
-            for idx in getattr(self, name):
-                if not 0 <= idx < self.num_layers:
-                    bad(name, f"layer id {idx} is outside 0..{self.num_layers - 1}")
-        if self.xsa_last_n > self.num_layers:
-            bad("xsa_last_n", f"exceeds num_layers={self.num_layers}")
-        if self.parallel_residual_last_n > self.num_layers:
-            bad("parallel_residual_last_n", f"exceeds num_layers={self.num_layers}")
         if self.kernels not in KERNEL_CHOICES:
             bad("kernels", "must be one of " + ", ".join(KERNEL_CHOICES))
         if not 0.0 < self.ema_decay < 1.0:
             bad("ema_decay", "must be in (0, 1)")
+
+    def _validate_shapes(self, conflict) -> None:
+        """The rules between fields; conflict(rule, *fields) raises, blaming the field the user set."""
+        if self.model_dim % self.num_heads:
+            conflict("model_dim must be a multiple of num_heads (head_dim = model_dim / num_heads)",
+                     "num_heads", "model_dim")
+        if self.num_heads % self.num_kv_heads:
+            conflict("num_heads must be a multiple of num_kv_heads", "num_kv_heads", "num_heads")
+        if self.head_dim % 2:
+            conflict(f"head_dim = model_dim / num_heads = {self.head_dim} is odd; RoPE needs it even",
+                     "model_dim", "num_heads")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            conflict(f"rope_dims must be even and at most head_dim = model_dim / num_heads = {self.head_dim}",
+                     "rope_dims", "model_dim", "num_heads")
+        for name in ("recycle_layers", "ve_layers"):
+            outside = [idx for idx in getattr(self, name) if not 0 <= idx < self.num_layers]
+            if outside:
+                conflict(f"layer id {outside[0]} of {name} is outside 0..num_layers-1", name, "num_layers")
+        for name in ("xsa_last_n", "parallel_residual_last_n"):
+            if getattr(self, name) > self.num_layers:
+                conflict(f"{name} must be at most num_layers", name, "num_layers")
         if self.eval_stride > self.eval_seq_len:
-            bad("eval_stride", f"exceeds eval_seq_len={self.eval_seq_len}")
+            conflict("eval_stride must be at most eval_seq_len", "eval_stride", "eval_seq_len")
 
     # ---- construction ------------------------------------------------------
     @classmethod
@@ -234,8 +258,8 @@ def parse_field(f: dataclasses.Field, raw):
         if f.type == "tuple[int, ...]":
             return _int_list(raw)
         return str(raw)
-    except ValueError as exc:
-        raise ValueError(f"invalid value for {f.name.upper()}: {raw!r} (expected {type_name(f)}; {exc})") from None
+    except ValueError:
+        raise ConfigError(f"{f.name.upper()}={raw!r}: expected {type_name(f)}") from None
 
 
 def type_name(f: dataclasses.Field) -> str:
@@ -255,7 +279,14 @@ def parse_bool(raw) -> bool:
 def env_values(environ=None) -> dict:
     """The config fields set by environment variables (FIELD_NAME in upper case)."""
     environ = os.environ if environ is None else environ
-    return {f.name: parse_field(f, environ[f.name.upper()]) for f in fields(Config) if f.name.upper() in environ}
+    values = {}
+    for f in fields(Config):
+        if f.name.upper() in environ:
+            try:
+                values[f.name] = parse_field(f, environ[f.name.upper()])
+            except ConfigError as exc:
+                raise ConfigError(f"environment variable {exc}") from None
+    return values
 
 
 # Small models of the same architecture, for the CPU demo and for tests.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recycore.console import Progress
 from recycore.data import write_shard
 from recycore.files import atomic_write_bytes, atomic_write_text
 
@@ -103,9 +104,11 @@ def write_splits(docs: list[tuple[str, str]], model_path: Path, dataset_dir: Pat
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     dataset_dir.mkdir(parents=True, exist_ok=True)
     splits = {"train": [], "val": []}
-    for i, (_, text) in enumerate(docs):
-        ids = sp.encode(text)
-        splits["val" if i % VAL_EVERY == VAL_EVERY // 2 else "train"].append([sp.bos_id()] + ids)
+    with Progress(sum(len(text) for _, text in docs), "tokenizing the corpus", "char") as bar:
+        for i, (_, text) in enumerate(docs):
+            ids = sp.encode(text)
+            splits["val" if i % VAL_EVERY == VAL_EVERY // 2 else "train"].append([sp.bos_id()] + ids)
+            bar.update(len(text))
     counts = {}
     for split, parts in splits.items():
         tokens = np.concatenate([np.asarray(p, dtype=np.uint16) for p in parts])

@@ -4,8 +4,6 @@ every target token is scored exactly once."""
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from recycore.console import Progress
 from recycore.graphs import Captured
 
 LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) -> logits (B, T, vocab)
@@ -101,20 +100,6 @@ def _result(nll_sum: float, tokens: float, byte_sum: float, device) -> tuple[flo
     return val_loss, nll_sum / math.log(2.0) / byte_sum
 
 
-class _Progress:
-    """A line every few seconds on long evaluations (rank 0 only)."""
-
-    def __init__(self, name: str, total: int, enabled: bool):
-        self.name, self.total, self.enabled = name, total, enabled
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 10 or done == self.total) and now - self.start > 10:
-            self.last = now
-            print(f"  {self.name}: {done}/{self.total} ({now - self.start:.0f}s)", file=sys.stderr, flush=True)
-
-
 @torch.inference_mode()
 def evaluate_standard(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables, seq_len: int,
                       batch_seqs: int, device, rank: int = 0, world_size: int = 1,
@@ -126,14 +111,15 @@ def evaluate_standard(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTable
     first, last = total_seqs * rank // world_size, total_seqs * (rank + 1) // world_size
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, bytes (no per-batch host sync)
     nll = batch_nll(logits_fn, graphs and device.type == "cuda")
-    bar = _Progress("eval", last - first, progress and rank == 0)
+    bar = Progress(last - first, "standard eval", "windows", progress and rank == 0)
     for start in range(first, last, batch_seqs):
         end = min(start + batch_seqs, last)
         local = val_tokens[start * seq_len:end * seq_len + 1].to(device=device, dtype=torch.int64)
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         sums[0] += nll(x, y).double().sum()
         sums[1] += tables.count(x, y).sum()
-        bar.update(end - first)
+        bar.update(end - start)
+    bar.close()
     nll_sum, byte_sum = sums.tolist()
     return _result(nll_sum, (last - first) * seq_len, byte_sum, device)
 
@@ -167,7 +153,7 @@ def evaluate_sliding(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables
     nll = batch_nll(logits_fn, graphs and device.type == "cuda")
     positions = torch.arange(seq_len)
     scored = 0
-    bar = _Progress("sliding eval", len(mine), progress and rank == 0)
+    bar = Progress(len(mine), f"sliding eval (stride {stride})", "windows", progress and rank == 0)
     for b in range(0, len(mine), batch_seqs):
         batch = mine[b:b + batch_seqs]
         x = torch.zeros(len(batch), seq_len, dtype=torch.int64)
@@ -182,6 +168,7 @@ def evaluate_sliding(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables
         x, y = x.to(device), y.to(device)
         sums[0] += nll(x, y).double()[mask].sum()
         sums[1] += tables.count(x, y)[mask].sum()
-        bar.update(b + len(batch))
+        bar.update(len(batch))
+    bar.close()
     nll_sum, byte_sum = sums.tolist()
     return _result(nll_sum, scored, byte_sum, device)

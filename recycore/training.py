@@ -172,19 +172,21 @@ def train(cfg: Config, *, checkpoint_dir=None, resume=None, log_dir="logs", over
         ctx.stop()
 
 
-def _run_id(ctx: Context, cfg: Config, ckpt: dict | None) -> str:
-    """The config's run id; else, resuming, the checkpoint's (a finished run's gets a new one, so its
-    outputs are never overwritten); else a new one."""
+def _run_id(ctx: Context, cfg: Config, ckpt: dict | None, overwrite: bool) -> str:
+    """The config's run id, else the checkpoint's, else a new one. Extending a finished run under its
+    own id (the command line takes the checkpoint's config, run id included) gets "<id>-from<step>",
+    so the finished run's outputs are never overwritten unless `overwrite`."""
     stored = ckpt["config"].get("run_id") if ckpt else ""
-    if stored and ckpt.get("finished"):
-        stored = f"{stored}-from{int(ckpt['step'])}"
-    run_id = cfg.run_id or stored or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = cfg.run_id or stored
+    if ckpt is not None and ckpt.get("finished") and stored and run_id == stored and not overwrite:
+        run_id = f"{stored}-from{int(ckpt['step'])}"
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     return ctx.broadcast(run_id)  # every rank must name the same files
 
 
 def set_up(ctx: Context, cfg: Config, inputs: Inputs, checkpoint_dir: Path, log_dir: Path, overwrite: bool) -> Run:
     ckpt = inputs.resume
-    cfg = cfg.replace(run_id=_run_id(ctx, cfg, ckpt))
+    cfg = cfg.replace(run_id=_run_id(ctx, cfg, ckpt, overwrite))
     run_dir = checkpoint_dir / cfg.run_id
     if (run_dir / "final.pt").exists() and not overwrite:
         raise CheckpointError(f"run {cfg.run_id} already finished ({run_dir / 'final.pt'}); choose another "
@@ -323,12 +325,18 @@ def train_step(run: Run, mult: float) -> tuple[Tensor, Tensor]:
     on any rank stops the run before the optimiser touches the weights, after checkpointing them."""
     data_before = run.loader.state_dict()
     loss, grad_sq = run.stepper.forward_backward(_next_batches(run))
-    (bad,) = run.ctx.any_rank(not bool(torch.isfinite(torch.stack((loss, grad_sq))).all()))
+    local_bad = not bool(torch.isfinite(torch.stack((loss, grad_sq))).all())
+    (bad,) = run.ctx.any_rank(local_bad)
     if bad:
         with run.clock.paused():
             path = checkpoint(run, f"step_{run.step:06d}.pt", data=data_before)
-        raise NonFiniteLossError(f"the training loss is {loss.item()} (squared gradient norm {grad_sq.item()}) at "
-                                 f"step {run.step + 1} on some rank; stopped. The weights before that step are in "
+        if not local_bad:
+            what = f"rank {run.ctx.rank} is fine but another rank's training loss or gradient is not finite"
+        elif not bool(torch.isfinite(loss)):
+            what = f"the training loss is {loss.item()}"
+        else:
+            what = f"the gradient norm is {grad_sq.sqrt().item()} (the loss is {loss.item():.4f})"
+        raise NonFiniteLossError(f"{what} at step {run.step + 1}; stopped. The weights before that step are in "
                                  f"{path} (try a lower learning rate)")
     cfg = run.cfg
     run.optimizers.set_schedule(mult, muon_momentum_at(run.step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
@@ -447,27 +455,36 @@ def finish(run: Run) -> dict:
     run.record(event="final", **{k: v for k, v in results.items() if isinstance(v, (int, float, str)) or v is None})
     if ctx.master:
         results["plot"] = plot_losses(ctx, run.records, run.log_dir / f"{cfg.run_id}.png")
-    ctx.log("final " + json.dumps({k: v for k, v in results.items() if "val_bpb" in k or k.endswith("bytes")}))
+    from recycore.artifact import BUDGET_BYTES
+    from recycore.console import training_summary
+
+    # one summary to end on; every figure is in the metrics file's "final" record
+    for line in training_summary(results, cfg.eval_stride, BUDGET_BYTES):
+        ctx.log(line)
     return results
 
 
 def _peak_memory(ctx: Context) -> dict:
+    """The CUDA allocator's peaks; on the CPU the process's peak resident set."""
     if not ctx.on_cuda:
-        return {}
-    memory = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-    ctx.log(f"peak memory allocated {memory['peak_allocated_gib']:.2f} GiB, "
-            f"reserved {memory['peak_reserved_gib']:.2f} GiB")
-    return memory
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+        return {"peak_rss_gib": kib * (1 if sys.platform == "darwin" else 1024) / 2**30}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def artifact_figures(run: Run) -> dict:
     """Export the int5 artifact of the kept weights, load it back, evaluate it (standard and sliding)."""
+    from recycore.artifact import evaluation_record
+
     ctx, cfg = run.ctx, run.cfg
     path = run.run_dir / "final_model.int5.ptz"
     sizes = {}
-    if ctx.master:
-        sizes = export_artifact(run.model.state_dict(), cfg, path, allow_over_budget=True)
+    if ctx.master:  # the artifact records how it is evaluated here, for `recycore eval` to reproduce
+        sizes = export_artifact(run.model.state_dict(), cfg, path, allow_over_budget=True,
+                                evaluation=evaluation_record(cfg))
         over = sizes["total_bytes"] - sizes["budget_bytes"]
         ctx.log(f"artifact: {path} model {sizes['model_bytes']:,} + code {sizes['code_bytes']:,} = "
                 f"{sizes['total_bytes']:,} bytes (budget {sizes['budget_bytes']:,}"
@@ -481,7 +498,7 @@ def artifact_figures(run: Run) -> dict:
     graphs = run.stepper.graphs
     q_loss, q_bpb = evaluate_standard(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len,
                                       val_batch_seqs(cfg, ctx.world_size, run.accum), ctx.device, ctx.rank,
-                                      ctx.world_size, graphs=graphs)
+                                      ctx.world_size, progress=True, graphs=graphs)
     ctx.log(f"int5 round trip (standard): val_loss {q_loss:.4f} val_bpb {q_bpb:.4f}")
     t = time.perf_counter()
     s_loss, s_bpb = evaluate_sliding(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len, cfg.eval_stride,

@@ -191,8 +191,9 @@ def test_export_checks_the_state_dict_against_the_config(trained, tmp_path):
 # ---------------------------------------------------------------------------
 @pytest.fixture
 def eval_data(tmp_path, monkeypatch):
-    """A validation shard, and byte tables of one byte per token (no tokenizer file)."""
+    """A validation shard, and byte tables of one byte per token (a placeholder tokenizer file)."""
     g = torch.Generator().manual_seed(5)
+    (tmp_path / "tok.model").write_bytes(b"placeholder: load_tokenizer is replaced below")
     write_shard(tmp_path / "tiny_val_000000.bin", torch.randint(0, CFG.vocab_size, (64 * 5 + 1,), generator=g))
     import recycore.evaluate as evaluate
 
@@ -214,10 +215,12 @@ def test_export_then_eval_matches_the_dequantised_model(trained, tmp_path, eval_
     assert "model bytes:" in printed and "code bytes:" in printed and "to spare" in printed
 
     results_file = tmp_path / "r.json"
-    cli_main(["eval", str(out), "--data-path", str(data_dir), "--eval-seq-len", "64", "--eval-stride", "32",
+    cli_main(["eval", str(out), "--data-path", str(data_dir), "--tokenizer-path", str(data_dir / "tok.model"),
+              "--eval-seq-len", "64", "--eval-stride", "32",
               "--eval-batch-seqs", "3", "--num-layers", "12", "--json", str(results_file)])
     printed = capsys.readouterr().out
-    assert "NUM_LAYERS=12 ignored" in printed and "int5 roundtrip" in printed and "int5 sliding window" in printed
+    assert "NUM_LAYERS=12 ignored" in printed and "int5 artifact, standard" in printed
+    assert "int5 artifact, sliding" in printed
     import json
     results = json.loads(results_file.read_text())
 
@@ -325,7 +328,8 @@ def test_eval_int5_direct_matches_the_dequantised_eval(trained, tmp_path, eval_d
     results = {}
     for flag in ("--int5-direct", "--no-int5-direct"):
         path = tmp_path / f"{flag}.json"
-        cli_main(["eval", str(out), "--data-path", str(data_dir), "--eval-seq-len", "64", "--eval-batch-seqs", "3",
+        cli_main(["eval", str(out), "--data-path", str(data_dir), "--tokenizer-path", str(data_dir / "tok.model"),
+                  "--eval-seq-len", "64", "--eval-batch-seqs", "3",
                   "--mode", "standard", "--json", str(path), flag])
         import json
         results[flag] = json.loads(path.read_text())
