@@ -121,7 +121,11 @@ def append_rows(path, rows):
 def unit_of(statistic):
     if statistic.endswith("_per_s"):  # tokens_per_s -> tokens/s
         return statistic[:-len("_per_s")].rsplit("_", 1)[-1] + "/s"
-    for pattern, unit in (("*_ms", "ms"), ("*_ms:*", "ms"), ("kernel_ms*", "ms"), ("ms_per_step*", "ms"),
+    if statistic == "us_per_call":
+        return "us"
+    if statistic.endswith("_pct"):
+        return "%"
+    for pattern, unit in (("*_ms", "ms"), ("*_ms:*", "ms"), ("kernel_ms*", "ms"), ("ms_per_*", "ms"),
                           ("*_s", "s"), ("*_gib", "GiB"), ("tflops", "TFLOP/s"), ("tbps", "TB/s"),
                           ("*bytes*", "B"),
                           ("*bpb*", "bpb"), ("*loss*", "nats")):
@@ -140,6 +144,10 @@ def fmt(value, statistic):
         if value < 0.1:
             return f"{value * 1e3:.2f} us"
         return f"{value:.3f} ms" if value < 10 else f"{value:.2f} ms" if value < 1000 else f"{value:,.0f} ms"
+    if unit == "us":
+        return f"{value:.2f} us"
+    if unit == "%":
+        return f"{value:.2f}%"
     if unit == "B":
         return f"{value / 1e6:.1f} MB"
     if unit == "GiB":
@@ -380,6 +388,15 @@ def first_seen(values):
 # shape is a regular expression (one line per matching shape); target: the least ratio that meets
 # the goal (or, with compare="difference", the largest absolute difference).
 HEADLINES = [
+    dict(what="whole micro-step fwd+bwd, fused kernels + CUDA graphs vs torch.compile default", benchmark="micro-step",
+         shape=r"(12|24|48)x2048", statistic="median_ms", ours="fused-graphs", baseline="reference-compiled",
+         extra=("peak_gib",), target=1.05),
+    dict(what="training at 196,608 tokens/step (8 x 12 x 2048), 1 GPU, default kernels (fused + CUDA graphs), "
+         "300 steps: ms/step (target <= 240)", benchmark="training (196,608 tokens/step)", shape=".*",
+         statistic="ms_per_step", ours="auto (fused + CUDA graphs)", extra=("peak_allocated_gib",)),
+    dict(what="graphed vs uncaptured training, mean relative train-loss difference (%)",
+         benchmark="training (196,608 tokens/step)", shape=".*", statistic="mean_rel_loss_diff_pct",
+         ours="graphed vs uncaptured"),
     dict(what="whole micro-step fwd+bwd vs torch.compile max-autotune (per block)", benchmark="micro-step",
          shape="48x2048", statistic="median_ms", ours="fused", baseline="reference-max-autotune",
          extra=("peak_gib",), target=1.3),
@@ -398,9 +415,15 @@ HEADLINES = [
          baseline="a_cudnn_compiled_max_autotune", extra=("tflops",), target=1.3),
     dict(what="K2 attention fwd vs max-autotune", benchmark="K2 attention fwd", shape=K2_SHAPE,
          statistic="median_ms", ours="ours_sdpa_fused", baseline="a_cudnn_compiled_max_autotune"),
-    dict(what="K3 int5 matmul vs bf16 cuBLAS on the dequantised weight", benchmark="K3 int5 matmul",
+    dict(what="K3 fused int5 matmul (auto) vs bf16 cuBLAS on the dequantised weight", benchmark="K3 int5 matmul",
+         shape=r"\d+x\d+ M=65536", statistic="ms_per_call", ours="auto", baseline="cublas", target=0.9),
+    dict(what="K3 fused int5 matmul (auto) per call, CUDA graph, vs bf16 cuBLAS", benchmark="K3 int5 matmul small M",
+         shape=r"\d+x\d+ M=16 hot", statistic="us_per_call", ours="auto", baseline="cublas", target=1.0),
+    dict(what="K4 fused head (norm + tied linear + soft-cap + CE) fwd+bwd, CUDA graph, vs the compiled reference",
+         benchmark="K4 head fwd+bwd", shape=r"N=98304 .*", statistic="graph_ms", ours="ours", baseline="ref_compiled"),
+    dict(what="K3 int5 matmul vs bf16 cuBLAS on the dequantised weight (dequant path)", benchmark="K3 int5 matmul",
          shape=r"\d+x\d+ M=65536", statistic="median_ms", ours="ours", baseline="cublas_bf16", target=0.9),
-    dict(what="K3 int5 matmul per call (CUDA graph) vs bf16 cuBLAS", benchmark="K3 int5 matmul",
+    dict(what="K3 int5 matmul per call (CUDA graph) vs bf16 cuBLAS (old kernel)", benchmark="K3 int5 matmul",
          shape=r"\d+x\d+ M=16", statistic="median_ms", ours="ours", baseline="cublas_bf16", target=2.5),
     dict(what="int5-direct eval, val_bpb (standard) vs dequantised", benchmark="eval",
          shape=".*", statistic="val_bpb_standard", ours="int5-direct", baseline="dequantised",
@@ -418,7 +441,7 @@ HEADLINES = [
 ]
 
 
-EXTRA_LABELS = {"ms_per_step_mean": "mean over the run", "tflops": "", "peak_gib": "peak"}
+EXTRA_LABELS = {"ms_per_step_mean": "mean over the run", "tflops": "", "peak_gib": "peak", "peak_allocated_gib": "peak"}
 # the order of the full table's groups (others follow in the order they first appear)
 BENCH_ORDER = ["micro-step", "optimizer step", "K1 MLP fwd", "K1 MLP fwd+bwd", "K2 attention fwd",
                "K2 attention fwd+bwd", "K3 int5 matmul", "eval batch"]
