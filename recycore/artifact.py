@@ -81,7 +81,7 @@ def check_state_dict(state_dict: dict[str, Tensor], cfg: Config) -> None:
     missing = [name for name in template if name not in state_dict]
     extra = [name for name in state_dict if name not in template]
     if missing or extra:
-        raise ValueError(f"the state dict does not fit the config's model: "
+        raise ValueError("the state dict does not fit the config's model: "
                          + (f"missing {missing[0]} ({len(missing)} missing) " if missing else "")
                          + (f"unexpected {extra[0]} ({len(extra)} unexpected)" if extra else ""))
     for name, ref in template.items():

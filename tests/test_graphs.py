@@ -3,7 +3,7 @@ CPU everything runs eagerly and unchanged; on a GPU a replayed step computes wha
 computes, schedule values change between replays, and a capture that fails falls back with one warning."""
 import pytest
 import torch
-from helpers import DEVICE, requires_cuda
+from helpers import requires_cuda
 
 from recycore.checkpoint import WeightAverages
 from recycore.config import PRESETS, Config

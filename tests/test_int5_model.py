@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rel_err, write_raw_artifact
 
-from recycore import artifact, int5_model, ops, quant
+from recycore import artifact, ops, quant
 from recycore.config import Config
 from recycore.int5_codec import pack_int5
 from recycore.banks import BANK_NAMES
