@@ -1,6 +1,6 @@
 """Overlay the loss curves of training runs and tabulate their speed, memory and final figures.
 
-    python benchmarks/compare_train.py RUN.jsonl RUN.jsonl [...] -o curves.png [--md table.md]
+    python benchmarks/compare_train.py RUN.jsonl RUN.jsonl [...] -o curves.png [--md table.md] [--x time]
 
 Each RUN.jsonl is the metrics file `recycore train` writes (logs/<run_id>.jsonl). The table gives
 steps, steady ms/step (the mean over the steps after the first tenth, so compile and warm-up
@@ -58,6 +58,8 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="metrics files (JSON lines) of `recycore train`")
     parser.add_argument("-o", "--output", required=True, help="the overlaid loss curves (PNG)")
     parser.add_argument("--md", default=None, help="also write the table as markdown here")
+    parser.add_argument("--x", choices=("step", "time"), default="step",
+                        help="the curves' x axis: the step, or the training time in seconds (runs of one wall clock)")
     args = parser.parse_args(argv)
 
     runs = []
@@ -74,8 +76,9 @@ def main(argv=None):
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, steps, _ in runs:
-        ax.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], lw=1, label=name)
-    ax.set_xlabel("step")
+        xs = [r["step"] if args.x == "step" else r["train_time_ms"] / 1000 for r in steps]
+        ax.plot(xs, [r["train_loss"] for r in steps], lw=1, label=name)
+    ax.set_xlabel("step" if args.x == "step" else "training time (s)")
     ax.set_ylabel("train loss (nats/token)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3)

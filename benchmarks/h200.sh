@@ -157,6 +157,23 @@ for s in "$@"; do
     wait-bg) start=$SECONDS; wait; SUMMARY+=("$(printf '%-8s %9s %4ss' wait-bg "" "$((SECONDS - start))")")
              cat "$OUT/bg.txt" 2>/dev/null | tee -a "$LOG"
              for graphs in 1 0; do tail -4 "$OUT/lossmatch_graphs$graphs.log" | tee -a "$LOG"; done ;;
+    # training at 196,608 tokens/step (8 x 12 x 2048) with KERNELS (default auto): ITERATIONS (300) steps,
+    # iteration-based schedule, or with TRAIN_SECONDS > 0 a wall-clock cap (the same-wall-clock pair:
+    # KERNELS=auto and KERNELS=reference in two calls, then `compare_train.py A.jsonl B.jsonl --x time`)
+    train196k) stage train196k "${TRAIN_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-auto}" \
+             --run-id "t196k_${KERNELS:-auto}" --train-batch-tokens 196608 --iterations "${ITERATIONS:-300}" \
+             --max-wallclock-seconds "${TRAIN_SECONDS:-0}" --warmdown-iters 60 --warmup-steps 20 --val-loss-every 0 \
+             --train-log-every 1 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt
+           record "KERNELS=${KERNELS:-auto} ITERATIONS=${ITERATIONS:-300} TRAIN_SECONDS=${TRAIN_SECONDS:-0} bash benchmarks/h200.sh train196k" \
+             "$OUT/t196k_${KERNELS:-auto}.jsonl" --as-benchmark "training (196,608 tokens/step)" --variant "${KERNELS:-auto}" \
+             --shape "seed config, demo data, 1 GPU, 8 x 12 x 2048" ;;
+    # the seed's full batch (786,432 tokens/step, 8 x 48 x 2048), STEPS (40) steps: ms/step
+    fullbatch) stage fullbatch "${TRAIN_LIMIT:-300}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-auto}" \
+             --run-id "full_${KERNELS:-auto}" --iterations "${STEPS:-40}" --max-wallclock-seconds 0 --warmdown-iters 10 \
+             --warmup-steps 20 --val-loss-every 0 --train-log-every 1 --val-max-tokens 65536 --eval-stride 2048 \
+             --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt
+           record "KERNELS=${KERNELS:-auto} STEPS=${STEPS:-40} bash benchmarks/h200.sh fullbatch" "$OUT/full_${KERNELS:-auto}.jsonl" \
+             --as-benchmark "training (786,432 tokens/step)" --variant "${KERNELS:-auto}" --shape "seed config, demo data, 1 GPU, 8 x 48 x 2048" ;;
     # K3: every fused int5 candidate at every weight shape and M against cuBLAS on the dequantised weight
     k3table) stage k3table "${K3_LIMIT:-240}" python3 "$R/benchmarks/test_bench_int5.py" --table --out "$OUT" ;;
     # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from recycore.errors import DataError
-from recycore.files import atomic_write
+from recycore.files import atomic_write_bytes
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -37,7 +37,7 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"write_shard({path}): token ids must fit in uint16 (0..65535)")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype("<u2").tobytes())))
+    atomic_write_bytes(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def shard_tokens(path) -> int:
