@@ -356,6 +356,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             + (" (as the artifact records; env/flags override)" if taken else " (the defaults, env, flags)"))
         say(f"data {cfg.data_path}, tokenizer {cfg.tokenizer_path}"
             + (" (sha256 as recorded)" if sha256 and sha256 == info["evaluation"].get("tokenizer_sha256") else ""))
+        model.choose_kernels(cfg.eval_batch_seqs, cfg.eval_seq_len)  # before a compile traces the model
         logits_fn = model.forward_logits
         if cfg.compile_model and ctx.on_cuda:
             logits_fn = torch.compile(logits_fn, dynamic=False)
@@ -385,7 +386,8 @@ def _evaluate_modes(mode: str, logits_fn, cfg: Config, ctx) -> dict:
 
     tables = build_byte_tables(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size)
     val_tokens = load_validation_tokens(cfg.data_path, cfg.eval_seq_len, cfg.val_max_tokens)
-    common = dict(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, progress=True)
+    common = dict(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, progress=True,
+                  graphs=cfg.cuda_graphs and ctx.on_cuda)
     runs = {
         "standard": lambda: evaluate_standard(logits_fn, val_tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs,
                                               **common),
