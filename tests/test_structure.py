@@ -84,6 +84,32 @@ def test_no_environment_reads_under_kernels():
     assert not hits, hits
 
 
+def test_benchmarks_do_not_patch_kernel_modules():
+    """Configurations are arguments: no benchmark switches a kernel's behaviour by assigning to its
+    module's globals (an assignment `name.attr = ...` where name is a recycore.kernels module)."""
+    hits = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("recycore.kernels"):
+                modules |= {alias.asname or alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                modules |= {alias.asname for alias in node.names if alias.name.startswith("recycore.kernels") and alias.asname}
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                    "recycore.kernels" in ast.unparse(node.value):
+                modules |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for element in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                        if isinstance(element, ast.Attribute) and isinstance(element.value, ast.Name) and \
+                                element.value.id in modules:
+                            hits.append(f"{path.name}:{node.lineno} {ast.unparse(element)}")
+    assert not hits, hits
+
+
 def test_public_api_at_the_package_root():
     result = subprocess.run([sys.executable, "-c", "from recycore import Config, GPT, train, load_artifact, "
                              "load_int5_model; import recycore.kernels; print(GPT.__name__, train.__name__)"],
