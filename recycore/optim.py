@@ -55,10 +55,28 @@ def newton_schulz5(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 # ---------------------------------------------------------------------------
 # Muon
 # ---------------------------------------------------------------------------
-def _plus_scaled(a: Tensor, b: Tensor, scale: Tensor | float) -> Tensor:
-    """a + scale * b in fp32. `scale` may be a 0-dim device tensor (a schedule value a captured CUDA
-    graph reads at replay): fp32 math keeps it from being rounded to a bf16 operand's dtype."""
-    return a.float() + b.float() * scale
+# Schedule values are Python floats, or 0-dim device tensors in a captured step (a CUDA graph reads
+# them at replay). With floats these run the seed's own ops; with tensors the same math in fp32, since
+# a 0-dim device tensor would be rounded to a bf16 operand's dtype (0.99 -> 0.98828125).
+def _decay_momentum(buf: Tensor, g: Tensor, momentum: Tensor | float) -> None:
+    """buf = momentum * buf + g, in place (bf16)."""
+    if isinstance(momentum, Tensor):
+        buf.copy_(g.float() + buf.float() * momentum)
+    else:
+        buf.mul_(momentum).add_(g)
+
+
+def _nesterov(g: Tensor, buf: Tensor, momentum: Tensor | float) -> Tensor:
+    """g + momentum * buf."""
+    return g.float() + buf.float() * momentum if isinstance(momentum, Tensor) else g.add(buf, alpha=momentum)
+
+
+def _add_scaled(p: Tensor, update: Tensor, scale: Tensor | float) -> None:
+    """p += scale * update, in place."""
+    if isinstance(scale, Tensor):
+        p.add_(update.to(p.dtype) * scale)
+    else:
+        p.add_(update.to(p.dtype), alpha=scale)
 
 
 def _distributed() -> bool:
@@ -171,8 +189,8 @@ class Muon(torch.optim.Optimizer):
             momentum = group["momentum"]
             g = (bank.pop("grad_shard") * clip).bfloat16()
             buf = self._momentum(bank)
-            buf.copy_(_plus_scaled(g, buf, momentum))  # one rounding to bf16
-            update = newton_schulz5(_plus_scaled(g, buf, momentum), steps=group["backend_steps"])
+            _decay_momentum(buf, g, momentum)
+            update = newton_schulz5(_nesterov(g, buf, momentum), steps=group["backend_steps"])
             if self.distributed:
                 full = update.new_empty(bank["shard"] * self.world_size, *update.shape[1:])
                 self._pending.append(dist.all_gather_into_tensor(full, update.contiguous(), async_op=True))
@@ -192,7 +210,7 @@ class Muon(torch.optim.Optimizer):
             update = bank.pop("update")[:p.size(0)]
             if group["weight_decay"] > 0:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.copy_(_plus_scaled(p, update, -group["lr"] * bank["scale"]))
+            _add_scaled(p, update, -group["lr"] * bank["scale"])
 
     @torch.no_grad()
     def step(self, closure=None, clip: Tensor | float = 1.0):

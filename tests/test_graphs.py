@@ -31,25 +31,32 @@ def test_captured_runs_eagerly_on_the_cpu():
     assert len(calls) == 3 and f.captured == 0
 
 
-def test_muon_takes_schedule_values_as_tensors():
-    """The captured optimiser step reads its learning rate and momentum from 0-dim tensors: the update
-    is the one the Python numbers give."""
+def _muon_steps(lr, momentum, steps=2):
     torch.manual_seed(0)
-    banks = [torch.randn(3, 16, 24, requires_grad=True) for _ in range(2)]
+    banks = [torch.randn(3, 16, 24) for _ in range(2)]
     grads = [torch.randn_like(b) for b in banks]
-    results = []
-    for as_tensor in (False, True):
-        params = [b.detach().clone().requires_grad_() for b in banks]
-        muon = Muon(params, lr=0.02, momentum=0.9, weight_decay=0.04)
-        for group in muon.param_groups:
-            group["lr"], group["momentum"] = (torch.tensor(0.03), torch.tensor(0.95)) if as_tensor else (0.03, 0.95)
-        for _ in range(2):
-            for p, g in zip(params, grads):
-                p.grad = g.clone()
-            muon.step()
-        results.append([p.detach() for p in params])
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+    params = [b.clone().requires_grad_() for b in banks]
+    muon = Muon(params, lr=0.02, momentum=0.9, weight_decay=0.04)
+    for group in muon.param_groups:
+        group["lr"], group["momentum"] = lr, momentum
+    for _ in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        muon.step()
+    return [p.detach() for p in params], banks
+
+
+def test_muon_takes_schedule_values_as_tensors():
+    """The captured optimiser step reads its learning rate and momentum from 0-dim tensors (fp32 math)
+    and moves the weights as the Python numbers do (the seed's ops, which round the momentum buffer to
+    bf16 twice); the bf16 Newton-Schulz iteration turns those roundings into a few percent of the
+    update, while another learning rate moves them clearly elsewhere."""
+    floats, start = _muon_steps(0.03, 0.95)
+    tensors, _ = _muon_steps(torch.tensor(0.03), torch.tensor(0.95))
+    other_lr, _ = _muon_steps(torch.tensor(0.02), torch.tensor(0.95))
+    for a, b, c, s in zip(floats, tensors, other_lr, start):
+        moved = (a - s).norm()
+        assert moved > 0.1 and (a - b).norm() / moved < 5e-2 and (a - c).norm() / moved > 0.2
 
 
 def test_optimizer_restore_gives_a_fresh_optimizer():
