@@ -313,7 +313,7 @@ class GPT(nn.Module):
 
     def loss(self, x: Tensor, targets: Tensor) -> Tensor:
         """Mean token cross-entropy (fp32) of the soft-capped logits of the residual stream x."""
-        return ops.softcap_cross_entropy(x, self.tok_emb.weight, targets, self.cfg.logit_softcap, self.cfg.kernels)
+        return ops.softcap_cross_entropy(x, self.tok_emb.weight, targets, self.cfg.logit_softcap)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.loss(self.hidden_states(ids), targets)

@@ -63,14 +63,14 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor,
 
 
 def softcap_logits(x: Tensor, weight: Tensor, cap: float) -> Tensor:
-    """cap * tanh(rms(x) @ weight^T / cap) (evaluation materialises the logits; training does not)."""
+    """cap * tanh(rms(x) @ weight^T / cap)."""
     return head_kernels.softcap_logits_reference(x, weight, cap)
 
 
-def softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, cap: float, kernels: str) -> Tensor:
-    """Mean cross-entropy of softcap_logits(x, weight, cap). Both switch values run the reference: the
-    fused head (recycore.kernels.head: no N x V logits in memory) measured slower on the H200 than the
-    reference under torch.compile, which the model runs (benchmarks/README.md, K4 head)."""
+def softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Mean cross-entropy of softcap_logits(x, weight, cap). No kernel switch here: the fused head
+    (recycore.kernels.head: no N x V logits in memory) measured slower on the H200 than the reference
+    under torch.compile, which the model runs (benchmarks/README.md, K4 head)."""
     return head_kernels.softcap_cross_entropy_reference(x, weight, targets, cap)
 
 

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recycore.artifact import export_artifact, load_artifact
+from recycore.artifact import BUDGET_BYTES, build_eval_model, evaluation_record, export_artifact, load_artifact
 from recycore.checkpoint import (WeightAverages, check_model_config, effective_ema_decay, load_checkpoint,
                                  rng_state, save_checkpoint, set_rng_state)
 from recycore.config import Config
+from recycore.console import training_summary
 from recycore.data import DistributedTokenLoader, check_train_shards, load_validation_tokens, local_batch_tokens
 from recycore.errors import CheckpointError, RecycoreError
 from recycore.evaluate import build_byte_tables, evaluate_sliding, evaluate_standard, load_tokenizer
@@ -455,9 +456,6 @@ def finish(run: Run) -> dict:
     run.record(event="final", **{k: v for k, v in results.items() if isinstance(v, (int, float, str)) or v is None})
     if ctx.master:
         results["plot"] = plot_losses(ctx, run.records, run.log_dir / f"{cfg.run_id}.png")
-    from recycore.artifact import BUDGET_BYTES
-    from recycore.console import training_summary
-
     # one summary to end on; every figure is in the metrics file's "final" record
     for line in training_summary(results, cfg.eval_stride, BUDGET_BYTES):
         ctx.log(line)
@@ -477,8 +475,6 @@ def _peak_memory(ctx: Context) -> dict:
 
 def artifact_figures(run: Run) -> dict:
     """Export the int5 artifact of the kept weights, load it back, evaluate it (standard and sliding)."""
-    from recycore.artifact import evaluation_record
-
     ctx, cfg = run.ctx, run.cfg
     path = run.run_dir / "final_model.int5.ptz"
     sizes = {}
@@ -491,9 +487,7 @@ def artifact_figures(run: Run) -> dict:
                 + (f"; OVER by {over:,})" if over > 0 else ")"))
     ctx.barrier()
     state_dict, art_cfg, _ = load_artifact(path, cfg)
-    q_model = GPT(art_cfg).to(ctx.device)
-    q_model.load_state_dict(state_dict)
-    q_model.eval()
+    q_model = build_eval_model(state_dict, art_cfg, ctx.device)
     logits_fn = make_logits_fn(q_model, cfg.compile_model and ctx.on_cuda, eval_shapes(cfg, ctx.world_size, run.accum))
     graphs = run.stepper.graphs
     q_loss, q_bpb = evaluate_standard(logits_fn, run.val_tokens, run.tables, cfg.eval_seq_len,
