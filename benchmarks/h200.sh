@@ -143,20 +143,23 @@ for s in "$@"; do
               --json "$OUT/eval${mode#--}.json" "$mode"
             record "ARTIFACT=$ARTIFACT bash benchmarks/h200.sh int5" "$OUT/eval${mode#--}.json"
           done ;;
-    # two 200-step runs at 196,608 tokens/step (8 micro-steps of 12 x 2048) in the background, the step
-    # replayed as CUDA graphs and not, iteration-based schedule: their losses must agree (no timing:
-    # they share the GPU with what runs meanwhile); `wait-bg` waits for them
+    # 200-step runs at 196,608 tokens/step (8 micro-steps of 12 x 2048) in the background, iteration-based
+    # schedule, LOSSMATCH_RUNS of: graphs1 / graphs0 (default kernels, the step replayed as CUDA graphs or
+    # not: #17's loss match), reference (the reference model, graphed: #20's fused-vs-reference check).
+    # No timing: they share the GPU with what runs meanwhile. `wait-bg` waits for them.
     bg-lossmatch)
-           for graphs in 1 0; do
-             (timeout "${LOSSMATCH_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --run-id "lossmatch_graphs$graphs" \
-                --cuda-graphs "$graphs" --train-batch-tokens 196608 --iterations "${LOSSMATCH_STEPS:-200}" \
+           for run in ${LOSSMATCH_RUNS:-graphs1 graphs0}; do
+             case $run in graphs1|graphs0) args=(--cuda-graphs "${run#graphs}") ;; reference) args=(--kernels reference) ;;
+               *) echo "unknown loss-match run $run"; exit 2 ;; esac
+             (timeout "${LOSSMATCH_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --run-id "lossmatch_$run" "${args[@]}" \
+                --train-batch-tokens 196608 --iterations "${LOSSMATCH_STEPS:-200}" \
                 --max-wallclock-seconds 0 --warmdown-iters 60 --warmup-steps 20 --val-loss-every 0 --train-log-every 1 \
-                --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt > "$OUT/lossmatch_graphs$graphs.log" 2>&1; \
-              echo "lossmatch_graphs$graphs rc=$?" >> "$OUT/bg.txt") &
+                --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt > "$OUT/lossmatch_$run.log" 2>&1; \
+              echo "lossmatch_$run rc=$?" >> "$OUT/bg.txt") &
            done ;;
     wait-bg) start=$SECONDS; wait; SUMMARY+=("$(printf '%-8s %9s %4ss' wait-bg "" "$((SECONDS - start))")")
              cat "$OUT/bg.txt" 2>/dev/null | tee -a "$LOG"
-             for graphs in 1 0; do tail -4 "$OUT/lossmatch_graphs$graphs.log" | tee -a "$LOG"; done ;;
+             for f in "$OUT"/lossmatch_*.log; do tail -4 "$f" | tee -a "$LOG"; done ;;
     # training at 196,608 tokens/step (8 x 12 x 2048) with KERNELS (default auto): ITERATIONS (300) steps,
     # iteration-based schedule, or with TRAIN_SECONDS > 0 a wall-clock cap (the same-wall-clock pair:
     # KERNELS=auto and KERNELS=reference in two calls, then `compare_train.py A.jsonl B.jsonl --x time`)
