@@ -182,6 +182,18 @@ for s in "$@"; do
     # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)
     qkbench) stage qkbench "${QK_LIMIT:-120}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;
+    # host cost per call of every launcher (benchmarks/host_cost.py) for this code and, with BASELINE=DIR
+    # (a tree of recycore/ and kernels/ of an earlier commit, relative to the repo and carried;
+    # BASELINE_COMMIT names it), for that code too, in one call
+    hostcost) if [ -n "${BASELINE:-}" ]; then
+                base=/tmp/recycore_base_$$; mkdir -p "$base/recycore"
+                for f in "$R/$BASELINE"/recycore/*; do ln -s "$f" "$base/recycore/"; done
+                ln -s "$R/$BASELINE/kernels" "$base/recycore/kernels"
+                stage hostbase 120 env PYTHONPATH="$base" python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" \
+                  --label "before, ${BASELINE_COMMIT:-baseline}"
+              fi
+              stage hostcost 120 python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" --label "after, $COMMIT"
+              record "BASELINE=${BASELINE:-} bash benchmarks/h200.sh hostcost" "$OUT/hostcost.jsonl" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -323,7 +323,8 @@ def today():
 
 
 def import_file(path, meta, baseline_labels=(), variant=None, shape=None, benchmark=None):
-    """Rows of one file: pytest-benchmark JSON, `recycore eval --json` output or a training metrics JSONL.
+    """Rows of one file: pytest-benchmark JSON, `recycore eval --json` output, a training metrics JSONL,
+    or rows lacking only the run's metadata (benchmarks/host_cost.py).
     meta holds what the caller knows (commit, source, run, date, gpu, torch, triton); a pytest-benchmark
     JSON supplies its own date, start time (the run) and versions, the other files fall back to today
     and the file's name."""
@@ -341,7 +342,10 @@ def import_file(path, meta, baseline_labels=(), variant=None, shape=None, benchm
     records = [json.loads(line) for line in text.splitlines() if line.strip()] if data is None else [data]
     if records and any("train_loss" in r for r in records):
         return rows_from_train(records, meta, benchmark=benchmark, shape=shape, variant=variant)
-    raise SystemExit(f"{path}: neither pytest-benchmark JSON, `recycore eval --json` output nor a training log")
+    if records and all({"benchmark", "shape", "variant", "statistic", "value"} <= r.keys() for r in records):
+        return [{**meta, **r} for r in records]  # rows a script wrote without the run's metadata
+    raise SystemExit(f"{path}: neither pytest-benchmark JSON, `recycore eval --json` output, a training log "
+                     "nor rows")
 
 
 # --- selection -------------------------------------------------------------------------------

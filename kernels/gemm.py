@@ -81,8 +81,10 @@ INTERPRET_INT5_CONFIG = GemmConfig(32, 32, INT5_GROUP, group_m=4, num_warps=4, n
 INTERPRET_PROGRAMS = 3  # the persistent kernel's "SM count" under the interpreter: several tiles each
 
 
+@lru_cache(maxsize=1024)
 def default_config(M, N, K, int5=False, interpreter=False):
-    """A reasonable Hopper config for shapes without a tuned entry (callers pass tuned ones)."""
+    """A reasonable Hopper config for shapes without a tuned entry (callers pass tuned ones); cached,
+    as it is asked on every launch."""
     if interpreter:
         return INTERPRET_INT5_CONFIG if int5 else INTERPRET_CONFIG
     block_k = INT5_GROUP if int5 else 64

@@ -468,8 +468,10 @@ def _launch_gemv(x, packed, scales, y, N, K, leaky, config):
 # ----------------------------------------------------------------------------------------------
 # The op
 # ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=4096)
 def _choose(M, N, K, dtype, device, impl, config):
-    """-> "dequant" or the Int5Config to run (explicit, else by regime and shape)."""
+    """-> "dequant" or the Int5Config to run (explicit, else by regime and shape); cached, as it is
+    asked on every call."""
     if config is not None:
         return config
     if impl == "dequant":

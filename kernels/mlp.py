@@ -20,6 +20,7 @@ Weights may be fp32 masters: they are cast to u's dtype for the GEMMs (as F.line
 does) and their gradients are returned in the weights' dtype.
 """
 import dataclasses
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +62,11 @@ VARIANTS = tuple(SEED_CONFIGS)
 PERSISTENT_ROLES = ("up", "d_pre")
 
 
+@lru_cache(maxsize=1024)
 def configs_for(tokens: int, d: int, h: int, variant: str = "persistent", interpreter: bool = False) -> dict:
     """role -> GemmConfig for an MLP of `tokens` rows, width d and hidden h: the tuned seed configs at
-    the seed's d and h, else the template's defaults (persistent for up and d_pre unless "tiled")."""
+    the seed's d and h, else the template's defaults (persistent for up and d_pre unless "tiled").
+    Cached (asked on every launch): the returned dict is shared, read it only."""
     if variant not in SEED_CONFIGS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not interpreter and (d, h) == (SEED_D, SEED_H) and tokens >= SEED_MIN_TOKENS:
