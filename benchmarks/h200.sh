@@ -161,13 +161,15 @@ for s in "$@"; do
              cat "$OUT/bg.txt" 2>/dev/null | tee -a "$LOG"
              for f in "$OUT"/lossmatch_*.log; do tail -4 "$f" | tee -a "$LOG"; done ;;
     # training at 196,608 tokens/step (8 x 12 x 2048) with KERNELS (default auto): ITERATIONS (300) steps,
-    # iteration-based schedule, or with TRAIN_SECONDS > 0 a wall-clock cap (the same-wall-clock pair:
-    # KERNELS=auto and KERNELS=reference in two calls, then `compare_train.py A.jsonl B.jsonl --x time`)
-    train196k) stage train196k "${TRAIN_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-auto}" \
-             --run-id "t196k_${KERNELS:-auto}" --train-batch-tokens 196608 --iterations "${ITERATIONS:-300}" \
+    # iteration-based schedule, or with TRAIN_SECONDS > 0 a wall-clock cap (ITERATIONS then defaults to
+    # 20000, so the clock ends the run; the same-wall-clock pair: KERNELS=auto and KERNELS=reference,
+    # then `compare_train.py A.jsonl B.jsonl --x time`)
+    train196k) its=${ITERATIONS:-300}; [ "${TRAIN_SECONDS:-0}" = 0 ] || its=${ITERATIONS:-20000}
+           stage train196k "${TRAIN_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --kernels "${KERNELS:-auto}" \
+             --run-id "t196k_${KERNELS:-auto}" --train-batch-tokens 196608 --iterations "$its" \
              --max-wallclock-seconds "${TRAIN_SECONDS:-0}" --warmdown-iters 60 --warmup-steps 20 --val-loss-every 0 \
              --train-log-every 1 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt
-           record "KERNELS=${KERNELS:-auto} ITERATIONS=${ITERATIONS:-300} TRAIN_SECONDS=${TRAIN_SECONDS:-0} bash benchmarks/h200.sh train196k" \
+           record "KERNELS=${KERNELS:-auto} ITERATIONS=$its TRAIN_SECONDS=${TRAIN_SECONDS:-0} bash benchmarks/h200.sh train196k" \
              "$OUT/t196k_${KERNELS:-auto}.jsonl" --as-benchmark "training (196,608 tokens/step)" --variant "${KERNELS:-auto}" \
              --shape "seed config, demo data, 1 GPU, 8 x 12 x 2048" ;;
     # the seed's full batch (786,432 tokens/step, 8 x 48 x 2048), STEPS (40) steps: ms/step

@@ -408,6 +408,11 @@ def _d_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the fused kernels run this head size (one power-of-two tile along D)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _check_attention_inputs(q, k, v, gate_logits):
     check_tensor(q, "q", ndim=4, dtypes=_FLOAT_DTYPES)
     device = q.device
@@ -421,7 +426,7 @@ def _check_attention_inputs(q, k, v, gate_logits):
         raise ValueError(f"gate_logits must be (B,T,H) = {(B, T, H)}, got {tuple(gate_logits.shape)}")
     if k.shape[2] == 0 or H % k.shape[2] != 0:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({k.shape[2]})")
-    if D < 16 or D & (D - 1):
+    if not supports_head_dim(D):
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
 
 

@@ -380,7 +380,8 @@ def _launch_large_m(x, packed, scales, y, N, K, leaky, config):
 # ----------------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
 def _small_m_plan(M, N, K, device):
-    """(GemmConfig, split_k) for M <= SMALL_M_MAX rows (cached: no per-call arithmetic)."""
+    """(GemmConfig, split_k) for M <= SMALL_M_MAX rows (cached: no per-call arithmetic); split_k is the
+    number of splits launched (each a whole number of groups, none empty)."""
     if device.type != "cuda":
         c = CPU_CONFIGS["splitk"]
         return GemmConfig(c.block_m, c.block_n, INT5_GROUP, group_m=1, num_warps=c.num_warps,
@@ -391,7 +392,8 @@ def _small_m_plan(M, N, K, device):
     if groups <= SMALL_M_UNSPLIT_GROUPS:
         return config, 1
     tiles = triton.cdiv(N, SMALL_M_BLOCK_N)
-    return config, max(1, min(groups, SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
+    split_k = max(1, min(groups, SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
+    return config, triton.cdiv(groups, triton.cdiv(groups, split_k))  # no empty splits: the count launched
 
 
 def _launch_splitk(x, packed, scales, y, N, K, leaky, config):
@@ -468,10 +470,8 @@ def _launch_gemv(x, packed, scales, y, N, K, leaky, config):
 # ----------------------------------------------------------------------------------------------
 # The op
 # ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=4096)
 def _choose(M, N, K, dtype, device, impl, config):
-    """-> "dequant" or the Int5Config to run (explicit, else by regime and shape); cached, as it is
-    asked on every call."""
+    """-> "dequant" or the Int5Config to run (explicit, else by regime and shape)."""
     if config is not None:
         return config
     if impl == "dequant":

@@ -89,8 +89,10 @@ def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5L
 def gated_xsa_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor | None, use_xsa: bool,
                         kernels: str) -> Tensor:
     """Causal GQA attention, XSA (if use_xsa), the sigmoid head gate (K2). q: (B, T, H, D);
-    k, v: (B, T, Hkv, D); gate_logits: (B, T, H) or None (no gate)."""
-    if fused(kernels, q) and gate_logits is not None:
+    k, v: (B, T, Hkv, D); gate_logits: (B, T, H) or None (no gate). "auto" runs the reference where the
+    kernels cannot (a head size that is not a power of two); "fused" then raises."""
+    runs_kernel = kernels == "fused" or attention_kernels.supports_head_dim(q.shape[-1])
+    if fused(kernels, q) and gate_logits is not None and runs_kernel:
         # the kernel family's own choice among its implementations; on the CPU only the Triton
         # kernel (under the interpreter) is a kernel at all
         return attention_kernels.attention(q, k, v, gate_logits, use_xsa, impl="auto" if q.is_cuda else "triton")
