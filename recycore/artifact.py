@@ -303,10 +303,15 @@ def load_artifact(path, cfg: Config | None = None) -> tuple[dict[str, Tensor], C
     except ArtifactError as exc:
         raise ArtifactError(f"artifact {path}: {exc}") from None
     state_dict = quant.rebank_state_dict(flat, cfg.num_layers, template)
-    info = {"formats": obj["m"], "scheme": obj.get("scheme", "seed (no scheme recorded)"),
+    return state_dict, cfg, artifact_info(obj, path)
+
+
+def artifact_info(obj: dict, path) -> dict:
+    """What a loader reports about the artifact read from `path`: formats, scheme, whether it holds a
+    config, its size in bytes and its evaluation record."""
+    return {"formats": obj["m"], "scheme": obj.get("scheme", "seed (no scheme recorded)"),
             "has_config": "config" in obj, "model_bytes": Path(path).stat().st_size,
             "evaluation": artifact_evaluation(obj)}
-    return state_dict, cfg, info
 
 
 def build_eval_model(state_dict: dict[str, Tensor], cfg: Config, device) -> torch.nn.Module:

@@ -270,14 +270,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_eval_model(args, ctx, say):
     """(model, cfg, info, int5_direct) for `recycore eval`, with notes on ignored model flags;
     info["evaluation"] is the artifact's evaluation record ({} if none)."""
-    from recycore.artifact import artifact_evaluation, build_eval_model, load_artifact, read_artifact
+    from recycore.artifact import build_eval_model, load_artifact
     from recycore.int5_model import load_int5_model
 
     requested = config_from(args)
     int5_direct = ctx.on_cuda if args.int5_direct is None else args.int5_direct
     if int5_direct:
         model, cfg, info = load_int5_model(args.artifact, requested, ctx.device)
-        info["evaluation"] = artifact_evaluation(read_artifact(args.artifact))
     else:
         state_dict, cfg, info = load_artifact(args.artifact, requested)
         model = build_eval_model(state_dict, cfg, ctx.device)

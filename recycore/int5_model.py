@@ -18,7 +18,6 @@ Eval only: K3 has no backward, and the model's tensors do not require grad.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -105,8 +104,8 @@ def _packed_matrix(name: str, w: dict, shape: tuple[int, int], device) -> Int5Li
 
 
 def load_int5_model(path, cfg: Config | None = None, device="cpu") -> tuple[Int5GPT, Config, dict]:
-    """-> (Int5GPT on `device`, in eval mode, cfg, info): load_artifact's info plus
-    int5_matrices / dense_matrices (how many bank matrices are packed / kept dense)."""
+    """-> (Int5GPT on `device`, in eval mode, cfg, info): load_artifact's info (its evaluation record
+    included) plus int5_matrices / dense_matrices (how many bank matrices are packed / kept dense)."""
     device = torch.device(device)
     obj = artifact.read_artifact(path)
     cfg = artifact.artifact_config(obj, cfg)
@@ -122,9 +121,7 @@ def load_int5_model(path, cfg: Config | None = None, device="cpu") -> tuple[Int5
         raise ArtifactError(f"artifact {path}: {exc}") from None
     matrices.update((name, DenseMatrix(flat.pop(name))) for name in names if name not in packed)
     model = Int5GPT(cfg, matrices, flat).to(device)
-    info = {"formats": m, "scheme": obj.get("scheme", "seed (no scheme recorded)"), "has_config": "config" in obj,
-            "model_bytes": Path(path).stat().st_size, "int5_matrices": len(packed),
-            "dense_matrices": len(names) - len(packed)}
+    info = {**artifact.artifact_info(obj, path), "int5_matrices": len(packed), "dense_matrices": len(names) - len(packed)}
     return model, cfg, info
 
 
