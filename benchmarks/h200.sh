@@ -84,11 +84,15 @@ from recycore.config import Config; print(micro_step('reference-max-autotune', C
 DEMO=(--data-path "$R/data/datasets/demo_sp1024" --tokenizer-path "$R/data/tokenizers/demo_1024_bpe.model")
 for s in "$@"; do
   case $s in
-    # the GPU tests: the kernels (K1 at the seed shapes, K3, K2) and the model with them against the
-    # reference model at the seed's width
-    # (TEST_FILES: which test_*.py files, default all of these)
-    tests) files=(); for t in ${TEST_FILES:-gemm mlp int5 int5_model model_kernels attention}; do files+=("$R/tests/test_$t.py"); done
-           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -q ${PYTEST_X--x} --durations=12 -p no:cacheprovider "${files[@]}" ;;
+    # the GPU tests: the kernels (K1 at the seed shapes, K2, K3, K4), the model with them against the
+    # reference model at the seed's width, the graphed step (TEST_FILES: which test_*.py files, default
+    # these; `all` for every file). The image has pytest-xdist: TEST_WORKERS (8) processes share the GPU,
+    # so the Triton compiles that dominate the run spread over the host's cores.
+    tests) files=(); names=${TEST_FILES:-gemm mlp int5 int5_model model_kernels attention qk_prep head graphs}
+           [ "$names" = all ] && names=$(cd "$R/tests" && ls test_*.py | sed 's/^test_//; s/\.py$//')
+           for t in $names; do files+=("$R/tests/test_$t.py"); done
+           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -q -n "${TEST_WORKERS:-8}" ${PYTEST_X--x} --durations=12 \
+             -p no:cacheprovider "${files[@]}" ;;
     # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
     # TORCHINDUCTOR_CACHE_DIR (point it outside the repo to keep it across calls on a warm machine)
     matwarm) mat_warm ;;
