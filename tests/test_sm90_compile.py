@@ -1,0 +1,320 @@
+"""Every Triton kernel compiled offline for Hopper (sm_90, through ptxas) as the launchers launch it on
+the GPU at the seed's shapes (bf16; d 512, h 1536, 8 heads, 4 kv heads, head_dim 64, T 2048, vocab
+1024). The CPU interpreter runs a kernel's Python, so it misses what only the GPU compiler rejects
+(a name bound in a run-time `if` and read after it, ...) and shared memory past an SM's 227 KB.
+
+Nothing here restates a launcher: each scenario runs the real launch code (the custom ops' bodies,
+which call the launchers) on meta tensors, which take the GPU paths (UPCAST off, the GPU configs and
+tiles) without data, with every @triton.jit kernel replaced by a recorder; where the launch code asks
+the device (SM count, device type) it is told an H200. Each recorded launch is specialized by
+Triton's own argument binder (dtypes, divisibility by 16, ints equal to 1, the constexprs, num_warps,
+num_stages) and compiled for sm_90 by a worker process without TRITON_INTERPRET, never from Triton's
+disk cache. The whole module skips where Triton has no ptxas.
+"""
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+import pytest
+import torch
+import triton
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    assert triton.knobs.nvidia.ptxas.path  # raises when Triton finds no ptxas
+    TARGET = GPUTarget("cuda", 90, 32)
+    BACKEND = make_backend(TARGET)
+except Exception as error:  # any missing piece of the offline CUDA toolchain
+    pytest.skip(f"no offline sm_90 compile here (Triton's ptxas / NVIDIA backend): {error}",
+                allow_module_level=True)
+
+from recycore.config import Config
+from recycore.kernels import attention, gemm, head, int5, mlp, qk_prep
+
+KERNEL_MODULES = (gemm, mlp, attention, qk_prep, int5, head)
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+H200_SMS = 132
+META, CUDA = torch.device("meta"), torch.device("cuda")
+BF16 = torch.bfloat16
+
+SEED = Config()
+D, H_MLP, T, VOCAB = SEED.model_dim, SEED.mlp_dim, SEED.train_seq_len, SEED.vocab_size
+HEADS, KV_HEADS, HEAD_DIM = SEED.num_heads, SEED.num_kv_heads, SEED.head_dim
+TOKENS = SEED.train_batch_tokens // 8  # one micro-step per rank (grad_accum_steps = 8 // world_size)
+BATCH = TOKENS // T
+EVAL_ROWS = SEED.eval_batch_seqs * SEED.eval_seq_len  # rows of one evaluation batch (the int5 model)
+
+
+def _empty(*shape, dtype=BF16):
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+def _body(op):
+    """The Python function behind a torch.library custom op (torch's CustomOpDef keeps it as _init_fn;
+    the op itself, called on meta tensors, would run its fake implementation)."""
+    return op._init_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenarios: the model's calls of each kernel family, on meta tensors
+# ----------------------------------------------------------------------------------------------
+def _mlp(variant, direction):
+    """K1: the forward (up GEMM) or the backward (d_pre, dW_up) custom op of one micro-step."""
+    u, w_up, w_down = _empty(TOKENS, D), _empty(H_MLP, D), _empty(D, H_MLP)
+    if direction == "fwd":
+        _body(mlp._mlp_forward)(u, w_up, w_down, variant)
+    else:
+        pre, post = _empty(TOKENS, H_MLP), _empty(TOKENS, H_MLP)
+        _body(mlp._mlp_backward)(_empty(TOKENS, D), u, w_up, w_down, pre, post, variant)
+
+
+def _attention_inputs():
+    return (_empty(BATCH, T, HEADS, HEAD_DIM), _empty(BATCH, T, KV_HEADS, HEAD_DIM),
+            _empty(BATCH, T, KV_HEADS, HEAD_DIM), _empty(BATCH, T, HEADS))
+
+
+def _attention(direction, xsa):
+    """K2 fully fused (impl "triton"): the forward, or the backward (epilogue backward, dK/dV, dQ)."""
+    q, k, v, g = _attention_inputs()
+    if direction == "fwd":
+        _body(attention._gated_xsa_attention_op)(q, k, v, g, xsa)
+    else:
+        o, lse = _empty(*q.shape), _empty(BATCH, HEADS, T, dtype=torch.float32)
+        _body(attention._gated_xsa_attention_backward_op)(_empty(*q.shape), q, k, v, g, o, lse, xsa)
+
+
+def _xsa_gate(direction, xsa):
+    """K2's stand-alone epilogue around an SDPA core (impl "sdpa_fused"): forward or backward."""
+    o, _, v, g = _attention_inputs()
+    if direction == "fwd":
+        _body(attention._xsa_gate_op)(o, v, g, xsa)
+    else:
+        _body(attention._xsa_gate_backward_op)(_empty(*o.shape), o, v, g, xsa)
+
+
+def _qk_prep(direction):
+    """K4 q/k prep, q and k views of the fused QKV projection's output (as the model passes them)."""
+    qkv = _empty(BATCH, T, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    q = qkv[..., :HEADS * HEAD_DIM].view(BATCH, T, HEADS, HEAD_DIM)
+    k = qkv[..., HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(BATCH, T, KV_HEADS, HEAD_DIM)
+    cos = sin = _empty(T, SEED.rope_dims // 2, dtype=torch.float32)
+    q_gain = _empty(HEADS, dtype=torch.float32)
+    if direction == "fwd":
+        _body(qk_prep._qk_norm_rope_op)(q, k, cos, sin, q_gain)
+    else:
+        _body(qk_prep._qk_norm_rope_backward_op)(_empty(*q.shape), _empty(*k.shape), q, k, cos, sin, q_gain)
+
+
+# The int5 model's packed matrices (c_v is shaped as c_k, attn.proj as c_q): (out, in, activation)
+INT5_MATRICES = {
+    "c_q": (D, D, None),
+    "c_k": (SEED.kv_dim, D, None),
+    "mlp.fc": (H_MLP, D, "leaky_relu2"),
+    "mlp.proj": (D, H_MLP, None),
+}
+SPLIT_K_MATRIX = "mlp.proj"  # the one row of more than SMALL_M_UNSPLIT_GROUPS groups: split-K + reduction
+
+
+def _int5(matrix, rows, impl="auto"):
+    """K3: the int5_linear custom op (its dispatch and launch) on x (rows, in_features)."""
+    n, k, activation = INT5_MATRICES[matrix]
+    packed = _empty(n, triton.cdiv(k, gemm.INT5_GROUP) * gemm.INT5_GROUP_WORDS, dtype=torch.int32)
+    _body(int5._int5_linear)(_empty(rows, k), packed, _empty(n, dtype=torch.float16), n, k,
+                             activation or "none", impl, None)
+
+
+def _large_m_kernel(matrix):
+    """The fused int5 kernel int5_linear picks for an evaluation batch."""
+    n, k, _ = INT5_MATRICES[matrix]
+    choice = int5._choose.__wrapped__(EVAL_ROWS, n, k, BF16, CUDA, "auto", None)
+    return {"resident": "_int5_resident_kernel", "stream": "_int5_stream_kernel"}[choice.kernel]
+
+
+def _head(op):
+    """The fused head (K4 head): training loss with gradients, evaluation NLL, or the backward."""
+    x, w, targets = _empty(TOKENS, D), _empty(VOCAB, D), _empty(TOKENS, dtype=torch.int64)
+    cap = SEED.logit_softcap
+    # chunk_rows 0, block_v 0, fp32_gemm_out True: the public functions' defaults
+    if op == "ce":
+        _body(head._softcap_ce_op)(x, w, targets, cap, BF16, 0, 0, True, True, True)
+    elif op == "nll":
+        _body(head._softcap_token_nll_op)(x, w, targets, cap, BF16, 0, 0, True)
+    else:
+        _body(head._softcap_ce_backward_op)(_empty(dtype=torch.float32), _empty(TOKENS, D),
+                                            _empty(VOCAB, D, dtype=torch.float32), BF16, BF16)
+
+
+def _template_kernel(variant, role):
+    return "_gemm_persistent_kernel" if mlp.SEED_CONFIGS[variant][role].persistent else "_gemm_kernel"
+
+
+def _scenarios():
+    """name -> (the scenario, the kernels it launches, each a test case)."""
+    s = {}
+    for variant in mlp.VARIANTS:
+        s[f"mlp-{variant}-fwd"] = partial(_mlp, variant, "fwd"), [_template_kernel(variant, "up")]
+        s[f"mlp-{variant}-bwd"] = partial(_mlp, variant, "bwd"), sorted(
+            {_template_kernel(variant, "d_pre"), "_gemm_kernel", "_splitk_reduce_kernel"})  # d_pre, dW_up
+    for xsa in (True, False):
+        s[f"attention-fwd-xsa{xsa:d}"] = partial(_attention, "fwd", xsa), ["_attn_fwd_kernel"]
+        s[f"attention-bwd-xsa{xsa:d}"] = partial(_attention, "bwd", xsa), [
+            "_xsa_gate_bwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+        for direction in ("fwd", "bwd"):
+            s[f"xsa_gate-{direction}-xsa{xsa:d}"] = partial(_xsa_gate, direction, xsa), [
+                f"_xsa_gate_{direction}_kernel"]
+    for direction in ("fwd", "bwd"):
+        s[f"qk_prep-{direction}"] = partial(_qk_prep, direction), [f"_qk_norm_rope_{direction}_kernel"]
+    for matrix in INT5_MATRICES:  # the int5 model's evaluation
+        s[f"int5-{matrix}-M{EVAL_ROWS}"] = partial(_int5, matrix, EVAL_ROWS), [_large_m_kernel(matrix)]
+    for matrix in ("c_q", "mlp.fc", "mlp.proj"):  # small M: the template (splitk), the gemv candidate
+        for rows in (1, int5.SMALL_M_MAX):
+            s[f"int5-splitk-{matrix}-M{rows}"] = partial(_int5, matrix, rows), (
+                ["_gemm_kernel", "_splitk_reduce_kernel"] if matrix == SPLIT_K_MATRIX else ["_gemm_kernel"])
+        for rows in (1, int5.GEMV_MAX_M):
+            s[f"int5-gemv-{matrix}-M{rows}"] = partial(_int5, matrix, rows, "gemv"), ["_int5_gemv_kernel"]
+    s["int5-dequant"] = partial(_int5, "mlp.proj", EVAL_ROWS, "dequant"), ["_dequantize_kernel"]
+    s["head-ce"] = partial(_head, "ce"), ["_rms_norm_fwd_kernel", "_softcap_ce_kernel", "_rms_norm_bwd_kernel"]
+    s["head-nll"] = partial(_head, "nll"), ["_softcap_ce_kernel"]
+    s["head-bwd"] = partial(_head, "bwd"), ["_scale_kernel"]
+    return s
+
+
+SCENARIOS = _scenarios()
+CASES = [(scenario, kernel) for scenario, (_, kernels) in SCENARIOS.items() for kernel in kernels]
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording the launches
+# ----------------------------------------------------------------------------------------------
+def _is_jit(value):
+    return isinstance(value, (JITFunction, InterpretedFunction))
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, self.kernel, args, kwargs))
+
+
+def _as_cuda(fn):
+    """fn (a choice by device) asked as on the GPU: a meta device reads as CUDA. Uncached (an
+    lru_cache's __wrapped__): nothing of this test stays in the launchers' caches."""
+    raw = getattr(fn, "__wrapped__", fn)
+    return lambda *args: raw(*(CUDA if isinstance(a, torch.device) and a.type == "meta" else a for a in args))
+
+
+def _record(scenario):
+    """[(kernel name, kernel, args, kwargs)] of every launch the scenario makes, as on an H200."""
+    launches = []
+    with pytest.MonkeyPatch.context() as mp:
+        for module in KERNEL_MODULES:
+            for name, value in list(vars(module).items()):
+                if _is_jit(value):
+                    mp.setattr(module, name, _Recorder(name, value, launches))
+        for module in (gemm, int5):
+            mp.setattr(module, "num_sms", lambda device_index: H200_SMS)
+        for name in ("_choose", "_small_m_plan", "_sms"):
+            mp.setattr(int5, name, _as_cuda(getattr(int5, name)))
+        SCENARIOS[scenario][0]()
+    return launches
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling the recorded launches for sm_90, in a worker process
+# ----------------------------------------------------------------------------------------------
+class _Pointer:
+    """What the binder reads of a tensor argument: dtype and address (a meta tensor's address is its
+    offset into the base allocation, which CUDA aligns to 256 bytes)."""
+
+    def __init__(self, t):
+        self.dtype, self._ptr = t.dtype, t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def _device_arg(arg):
+    if isinstance(arg, torch.Tensor):
+        return _Pointer(arg)
+    if isinstance(arg, TensorDescriptor):
+        return TensorDescriptor(_Pointer(arg.base), arg.shape, arg.strides, arg.block_shape, arg.padding)
+    return arg
+
+
+def _specialize(jit, args, kwargs):
+    """(signature, constexprs, attrs, options) of a launch, as JITFunction.run derives them."""
+    kwargs = dict(kwargs, debug=kwargs.get("debug", jit.debug) or triton.knobs.runtime.debug,
+                  instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(jit.signature, jit.params, BACKEND)
+    bound, specialization, options = binder(*map(_device_arg, args), **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(BACKEND, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def _compile_case(scenario, kernel, cache_dir):
+    """(In the worker.) [(launch description, its UPCAST, shared bytes, compile error)] for each distinct
+    specialization of `kernel` that the scenario launches, compiled for sm_90 (not from a cache)."""
+    triton.knobs.compilation.always_compile = True
+    triton.knobs.cache.dir = cache_dir
+    variants = {}
+    for name, jit, args, kwargs in _record(scenario):
+        if name == kernel:
+            assert isinstance(jit, JITFunction), f"{name} is {jit!r}: TRITON_INTERPRET is on in the worker"
+            spec = _specialize(jit, args, kwargs)
+            variants.setdefault(repr(spec), (jit, *spec))
+    results = []
+    for jit, signature, constexprs, attrs, options in variants.values():
+        named = {jit.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+        what = (f"{kernel}({', '.join(f'{n}={v}' for n, v in named.items())}, "
+                f"num_warps={options.num_warps}, num_stages={options.num_stages})")
+        try:
+            compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET,
+                                      options=options.__dict__)
+            results.append((what, named.get("UPCAST"), compiled.metadata.shared, None))
+        except Exception as error:  # the compiler's message is the result
+            results.append((what, named.get("UPCAST"), None, f"{type(error).__name__}: {error}"))
+    return results
+
+
+def _interpreting():
+    return bool(triton.knobs.runtime.interpret)
+
+
+@pytest.fixture(scope="module")
+def sm90_worker():
+    """One process that compiles with Triton's GPU front end. Not this one: under TRITON_INTERPRET=1 (the
+    CPU test run) @triton.jit made interpreter wrappers, and a kernel run by the interpreter leaves
+    parts of triton.language patched for it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        assert not worker.submit(_interpreting).result()  # (starts the worker in this environment)
+    yield worker
+    worker.shutdown()
+
+
+@pytest.mark.parametrize("scenario,kernel", CASES, ids=[f"{s}::{k}" for s, k in CASES])
+def test_kernel_compiles_for_sm90(scenario, kernel, sm90_worker, tmp_path):
+    results = sm90_worker.submit(_compile_case, scenario, kernel, str(tmp_path)).result()
+    assert results, f"{scenario} no longer launches {kernel}"
+    for what, upcast, shared, error in results:
+        if error is not None:
+            pytest.fail(f"{what} does not compile for sm_90:\n{error}", pytrace=False)
+        assert upcast in (None, False), f"{what}: not the GPU path"
+        assert shared <= SMEM_LIMIT, f"{what}: {shared} bytes of shared memory, an sm_90 block has {SMEM_LIMIT}"
+
+
+def test_every_kernel_has_a_case():
+    """A new kernel (a launched @triton.jit function, named *_kernel) needs a scenario here."""
+    kernels = {name for module in KERNEL_MODULES for name, value in vars(module).items()
+               if _is_jit(value) and name.endswith("_kernel")}
+    assert kernels == {kernel for _, kernel in CASES}
