@@ -131,7 +131,7 @@ def _int5(matrix, rows, impl="auto"):
 def _large_m_kernel(matrix):
     """The fused int5 kernel int5_linear picks for an evaluation batch."""
     n, k, _ = INT5_MATRICES[matrix]
-    choice = int5._choose.__wrapped__(EVAL_ROWS, n, k, BF16, CUDA, "auto", None)
+    choice = int5._choose(EVAL_ROWS, n, k, BF16, CUDA, "auto", None)
     return {"resident": "_int5_resident_kernel", "stream": "_int5_stream_kernel"}[choice.kernel]
 
 
