@@ -605,6 +605,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path):
+    """Lay the figure out, write it as a PNG at `path`, free it; -> path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _bars(ax, members, title):
     members = sorted(members, key=lambda m: -m["value"])
     base = next((m for m in members if m.get("baseline")), None)
@@ -628,10 +636,7 @@ def plot_groups(rows, names, path):
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(0.8 + 0.4 * len(m) for _, _, m in panels)), squeeze=False)
     for ax, (benchmark, shape, members) in zip(axes[:, 0], panels):
         _bars(ax, members, f"{benchmark}, {shape}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_k3(rows, path):
@@ -657,10 +662,7 @@ def plot_k3(rows, path):
     ax.set_ylabel("speed vs bf16 cuBLAS (x)")
     ax.set_title("K3 int5 matmul against cuBLAS on the dequantised weight", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(rows, path, benchmark="training", statistic="train_loss"):
@@ -683,10 +685,7 @@ def plot_curves(rows, path, benchmark="training", statistic="train_loss"):
     ax.set_ylabel(statistic.replace("_", " "))
     ax.set_title(f"{benchmark}, {first['shape']}  [{first['date']}, {first['gpu']}]", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_history(rows, path, benchmark="micro-step", statistic="median_ms"):
@@ -707,10 +706,7 @@ def plot_history(rows, path, benchmark="micro-step", statistic="median_ms"):
     ax.set_ylabel("median ms per micro-step")
     ax.set_title(f"{benchmark}: every run in results.jsonl", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_batch(rows, path, benchmark="micro-step", statistic="median_ms"):
@@ -730,10 +726,7 @@ def plot_batch(rows, path, benchmark="micro-step", statistic="median_ms"):
     ax.set_ylabel("median ms per micro-step")
     ax.set_title(f"{benchmark}: time against batch size", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plots(rows, out_dir=PLOTS):
@@ -810,11 +803,7 @@ def run_charts(by_group, out_dir, stem):
         ax.set_xlabel("ms (lower is better)")
         ax.set_title(group, fontsize=9)
         ax.invert_yaxis()
-        fig.tight_layout()
-        path = Path(out_dir) / f"{stem}_{i:02d}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, Path(out_dir) / f"{stem}_{i:02d}.png"))
     return paths
 
 
