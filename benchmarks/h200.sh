@@ -50,9 +50,12 @@ pack_autotune() {
   (cd "$TORCHINDUCTOR_CACHE_DIR" && find . -path './cache/*' -type f -o -name '*.best_config' -type f \
      | tar czf "$OUT/inductor_autotune.tgz" -T -) && echo "autotune decisions: $OUT/inductor_autotune.tgz"
 }
-P=/tmp/recycore_path_$$; rm -rf "$P"; mkdir -p "$P/recycore"
-for f in "$R"/recycore/*; do ln -s "$f" "$P/recycore/"; done
-ln -s "$R/kernels" "$P/recycore/kernels"
+path_tree() {  # path_tree DIR SRC: DIR/recycore = SRC/recycore/* + SRC/kernels as recycore/kernels
+  rm -rf "$1"; mkdir -p "$1/recycore"
+  for f in "$2"/recycore/*; do ln -s "$f" "$1/recycore/"; done
+  ln -s "$2/kernels" "$1/recycore/kernels"
+}
+P=/tmp/recycore_path_$$; path_tree "$P" "$R"
 export PYTHONPATH=$P
 mkdir -p /tmp/recycore_work_$$ && cd /tmp/recycore_work_$$ || exit 1
 LOG=$OUT/all.log
@@ -192,9 +195,7 @@ for s in "$@"; do
     # (a tree of recycore/ and kernels/ of an earlier commit, relative to the repo and carried;
     # BASELINE_COMMIT names it), for that code too, in one call
     hostcost) if [ -n "${BASELINE:-}" ]; then
-                base=/tmp/recycore_base_$$; mkdir -p "$base/recycore"
-                for f in "$R/$BASELINE"/recycore/*; do ln -s "$f" "$base/recycore/"; done
-                ln -s "$R/$BASELINE/kernels" "$base/recycore/kernels"
+                base=/tmp/recycore_base_$$; path_tree "$base" "$R/$BASELINE"
                 stage hostbase 120 env PYTHONPATH="$base" python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" \
                   --label "before, ${BASELINE_COMMIT:-baseline}"
               fi
