@@ -4,8 +4,9 @@
 
 Each RUN.jsonl is the metrics file `recycore train` writes (logs/<run_id>.jsonl). The table gives
 steps, steady ms/step (the mean over the steps after the first tenth, so compile and warm-up
-stragglers do not count), tokens/s, peak memory and the val_bpb figures of the "final" record; the
-agreement line compares each run's train loss with the first run's over their common steps
+stragglers do not count), tokens/s, peak memory and the val_bpb figures of the "final" record (for a
+run cut short before it, those of its last validation and averaging records; "-" where a run has
+none); the agreement line compares each run's train loss with the first run's over their common steps
 (mean and largest relative difference of a 10-step moving average, since single-step losses of
 two bf16 runs drift apart by noise).
 """
@@ -18,7 +19,15 @@ from pathlib import Path
 def load(path):
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     steps = [r for r in records if "event" not in r]
-    final = next((r for r in records if r.get("event") == "final"), {})
+    # a run cut short before its "final" record still logged its last validation and the averaged weights'
+    final = {}
+    for r in records:
+        if r.get("event") == "val":
+            final["live_val_bpb"] = r["val_bpb"]
+        elif r.get("event") == "prequant":
+            final["prequant_val_bpb"] = r["val_bpb"]
+        elif r.get("event") == "final":
+            final.update(r)
     return steps, final
 
 
@@ -93,9 +102,10 @@ def main(argv=None):
         ms = steady_ms_per_step(steps)
         tokens_per_step = steps[-1]["tokens_per_s"] * steps[-1]["ms_per_step"] / 1000
         figures = [final.get(k) for k in ("live_val_bpb", "prequant_val_bpb", "int5_val_bpb", "int5_sliding_val_bpb")]
+        peak = final.get("peak_allocated_gib")
         lines.append(f"| {name} | {steps[-1]['step']} | {ms:.1f} | {tokens_per_step / ms * 1000:,.0f} | "
-                     f"{final.get('peak_allocated_gib', float('nan')):.1f} | "
-                     + " | ".join("" if v is None else f"{v:.4f}" for v in figures) + " |")
+                     + ("-" if peak is None else f"{peak:.1f}") + " | "
+                     + " | ".join("-" if v is None else f"{v:.4f}" for v in figures) + " |")
     base_name, base_steps, _ = runs[0]
     for name, steps, _ in runs[1:]:
         mean, worst = agreement(base_steps, steps)
