@@ -29,3 +29,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def release_cached_gpu_memory():
+    """Tests share the GPU between pytest-xdist workers: memory a finished test's process keeps cached
+    would be missing from the others'."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
