@@ -50,12 +50,15 @@ def candidates():
 
 
 def small_m_candidates(M):
-    """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL) and the gemv kernel's variants."""
-    from recycore.kernels.int5 import Int5Config
+    """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL), the gemv kernel's variants and the
+    template with the split rows summed in the kernel (one launch; the plan's splits, or 4)."""
+    from recycore.kernels.int5 import SMALL_M_BLOCK_N, Int5Config
 
     bm = 1 << (M - 1).bit_length()
+    in_kernel = Int5Config("splitk", max(16, bm), SMALL_M_BLOCK_N, 4, 3, group_m=1, reduce_in_kernel=1)
     return [("auto", "auto", None), ("gemv", "gemv", None), ("gemv:b2", "gemv", Int5Config("gemv", bm, 2, 4, 3)),
-            ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None)]
+            ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None),
+            ("splitk:r", "splitk", in_kernel), ("splitk:k4r", "splitk", dataclasses.replace(in_kernel, split_k=4))]
 
 
 def fits(config, K):

@@ -15,7 +15,9 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
   d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`);
 - split-K over the second grid axis: each split writes its fp32 partial C into a workspace slice,
   and `_splitk_reduce_kernel` sums the slices and applies ROW_SCALE and the epilogue (no atomics,
-  deterministic);
+  deterministic); or, with REDUCE_IN_KERNEL, the last split of a tile to arrive (an arrival counter
+  per tile, reset by that split) sums the slices in split order and stores the epilogue itself: the
+  same numbers in one launch, for latency-bound small-M GEMMs;
 - `GemmConfig.persistent` (float operands, no split-K) runs `_gemm_persistent_kernel` instead: one
   program per SM loops over the output tiles (same grouped order), reading A and B through TMA
   descriptors and storing the epilogue through them (optionally in two BLOCK_N / 2 halves,
@@ -99,6 +101,22 @@ def default_config(M, N, K, int5=False, interpreter=False):
 @lru_cache(maxsize=None)
 def num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+ARRIVAL_COUNTERS = 4096  # the most output tiles of one REDUCE_IN_KERNEL launch
+
+
+@lru_cache(maxsize=None)
+def _arrival_counters(device, stream_id):
+    return torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
+
+
+def arrival_counters(device):
+    """The per-tile arrival counters of REDUCE_IN_KERNEL launches on `device`'s current stream: zero
+    between launches (each launch's last splits reset theirs), one set per stream so that launches
+    on concurrent streams never share one."""
+    stream_id = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    return _arrival_counters(device, stream_id)
 
 
 def default_split_k(M, N, K, config, device):
@@ -203,14 +221,18 @@ def _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr,
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr,
+    a_ptr, b_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, ws_ptr, arrivals_ptr,
     M, N, K, k_per_split,
     stride_am, stride_ak, stride_bn, stride_bk,
     B_INT5: tl.constexpr,
     EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-    WRITE_PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """One output tile (and one K split) per program. WRITE_PARTIALS: the fp32 partial goes to the
+    split's workspace slice ws[split]; REDUCE_IN_KERNEL: the tile's last split to arrive (counted in
+    arrivals[tile], zero between launches) sums the slices and stores the epilogue."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -253,11 +275,33 @@ def _gemm_kernel(
     offs = offs_m[:, None] * N + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if WRITE_PARTIALS:  # split-K: raw fp32 partial into this split's workspace slice
-        tl.store(out_ptr + tl.program_id(1) * M * N + offs, acc, mask=mask)
+        tl.store(ws_ptr + tl.program_id(1) * M * N + offs, acc, mask=mask)
+        if REDUCE_IN_KERNEL:
+            # every thread's partial is written before the (release) arrival is counted
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:  # the others' partials are visible (acquire)
+                tl.debug_barrier()
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for split in range(tl.num_programs(1)):  # split order, as _splitk_reduce_kernel sums
+                    # .cg: from L2, where the other programs' stores are (L1 is not coherent)
+                    acc += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
+                          EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST)
+                tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0)  # zero for the next launch
     else:
-        if ROW_SCALE:
-            acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST)
+        _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
+                  EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST)
+
+
+@triton.jit
+def _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
+              EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """ROW_SCALE, then the epilogue, of an (BLOCK_M, BLOCK_N) fp32 tile of `_gemm_kernel`."""
+    if ROW_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST)
 
 
 @triton.jit
@@ -413,9 +457,9 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
     post_arg = post if post is not None else out
     scale_arg = scale if scale is not None else out
     if split_k > 1:
-        target = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
+        workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
     else:
-        target = out
+        workspace = out  # not read
         if config.persistent and int5_k is None:
             outputs = [t for t in (out, pre, post) if t is not None]
             if _launch_persistent(a, b, out, pre_arg, post_arg, scale, outputs, epilogue, store_pre, store_post,
@@ -423,19 +467,19 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
                 return
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
     _gemm_kernel[grid](
-        a, b, target, pre_arg, post_arg, scale_arg,
+        a, b, out, pre_arg, post_arg, scale_arg, workspace, out,
         M, N, K, k_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         B_INT5=int5_k is not None,
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
-        WRITE_PARTIALS=split_k > 1, EVEN_K=even_k, UPCAST=upcast,
+        WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=False, EVEN_K=even_k, UPCAST=upcast,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
-            target, out, pre_arg, post_arg, scale_arg, M * N, N, split_k,
+            workspace, out, pre_arg, post_arg, scale_arg, M * N, N, split_k,
             EPILOGUE=epilogue, ROW_SCALE=scale is not None,
             STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=upcast, BLOCK=_REDUCE_BLOCK,
         )

@@ -40,12 +40,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from recycore.int5_codec import INT5_MAX, unpack_codes
 from recycore.kernels._common import check_tensor, on_interpreter
 from recycore.kernels.gemm import (
+    ARRIVAL_COUNTERS,
     EPILOGUE_LEAKY_RELU2,
     EPILOGUE_NONE,
     INT5_GROUP,
     INT5_GROUP_WORDS,
     GemmConfig,
     _gemm_kernel,
+    arrival_counters,
     _load_int5_tile,
     _splitk_reduce_kernel,
     _store_epilogue,
@@ -65,7 +67,8 @@ class Int5Config:
     """One kernel and its tiles. block_m: x rows per tile (the MMA's N side); block_n: weight rows
     per tile (the MMA's M side: 64 per warpgroup). resident: programs_per_sm programs per SM share
     the M tiles; stream: group_m M tiles share the weight tiles while they are hot in L2; splitk:
-    split_k splits of K (0: by shape); gemv: block_m >= M rows of x, block_n weight rows per program."""
+    split_k splits of K (0: the small-M plan's), summed by a second launch or, with reduce_in_kernel,
+    by each tile's last split (one launch); gemv: block_m >= M rows of x, block_n weight rows per program."""
     kernel: str
     block_m: int
     block_n: int
@@ -74,11 +77,12 @@ class Int5Config:
     group_m: int = 8
     programs_per_sm: int = 1
     split_k: int = 0
+    reduce_in_kernel: int = 0  # 0 / 1 (an int: the custom op's list argument holds ints)
 
     def as_list(self) -> List[int]:
         """The config as the custom op's list argument (see `from_list`)."""
         return [KERNELS.index(self.kernel), self.block_m, self.block_n, self.num_warps, self.num_stages,
-                self.group_m, self.programs_per_sm, self.split_k]
+                self.group_m, self.programs_per_sm, self.split_k, self.reduce_in_kernel]
 
     @classmethod
     def from_list(cls, values: List[int]) -> "Int5Config":
@@ -86,7 +90,7 @@ class Int5Config:
 
     def __str__(self):
         extra = {"resident": f"p{self.programs_per_sm}", "stream": f"g{self.group_m}",
-                 "splitk": f"k{self.split_k}", "gemv": ""}[self.kernel]
+                 "splitk": f"k{self.split_k}" + ("r" if self.reduce_in_kernel else ""), "gemv": ""}[self.kernel]
         return f"{self.kernel}:{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}{extra}"
 
 
@@ -111,6 +115,9 @@ SMALL_M_BLOCK_N = 16
 SMALL_M_UNSPLIT_GROUPS = 4
 SMALL_M_PROGRAMS_PER_SM = 2
 SMALL_M_KERNEL = "splitk"  # or "gemv" (M <= GEMV_MAX_M only)
+# Split rows summed by each tile's last split instead of a second launch: a candidate (Int5Config
+# reduce_in_kernel) until the H200 measures it against the two launches.
+SMALL_M_REDUCE_IN_KERNEL = False
 GEMV_MAX_M = 16
 
 # Under the CPU interpreter (~5 ms per program-tile step): small tiles, and a few "SMs" so that the
@@ -401,29 +408,33 @@ def _launch_splitk(x, packed, scales, y, N, K, leaky, config):
     M = x.shape[0]
     if config is None:
         gemm_config, split_k = _small_m_plan(M, N, K, x.device)
+        in_kernel = SMALL_M_REDUCE_IN_KERNEL
     else:
         gemm_config = GemmConfig(config.block_m, config.block_n, INT5_GROUP, group_m=config.group_m,
                                  num_warps=config.num_warps, num_stages=config.num_stages)
-        split_k = max(1, config.split_k)
+        split_k = config.split_k or (_small_m_plan(M, N, K, x.device)[1] if M <= SMALL_M_MAX else 1)
+        in_kernel = bool(config.reduce_in_kernel)
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), INT5_GROUP) * INT5_GROUP
     split_k = triton.cdiv(K, k_per_split)  # no empty splits
+    tiles = triton.cdiv(M, gemm_config.block_m) * triton.cdiv(N, gemm_config.block_n)
+    in_kernel = in_kernel and split_k > 1 and tiles <= ARRIVAL_COUNTERS
     upcast = on_interpreter(x)
     epilogue = EPILOGUE_LEAKY_RELU2 if leaky else EPILOGUE_NONE
-    target = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32) if split_k > 1 else y
-    grid = (triton.cdiv(M, gemm_config.block_m) * triton.cdiv(N, gemm_config.block_n), split_k)
-    _gemm_kernel[grid](
-        x, packed, target, y, y, scales, M, N, K, k_per_split,
+    workspace = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32) if split_k > 1 else y
+    arrivals = arrival_counters(x.device) if in_kernel else y  # not read unless in_kernel
+    _gemm_kernel[(tiles, split_k)](
+        x, packed, y, y, y, scales, workspace, arrivals, M, N, K, k_per_split,
         x.stride(0), x.stride(1), packed.stride(0), 1,
-        B_INT5=True, EPILOGUE=epilogue, ROW_SCALE=split_k == 1, STORE_PRE=False, STORE_POST=True,
-        WRITE_PARTIALS=split_k > 1, EVEN_K=K % INT5_GROUP == 0, UPCAST=upcast,
+        B_INT5=True, EPILOGUE=epilogue, ROW_SCALE=True, STORE_PRE=False, STORE_POST=True,
+        WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=in_kernel, EVEN_K=K % INT5_GROUP == 0, UPCAST=upcast,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=gemm_config.block_m, BLOCK_N=gemm_config.block_n, BLOCK_K=INT5_GROUP, GROUP_M=gemm_config.group_m,
         num_warps=gemm_config.num_warps, num_stages=gemm_config.num_stages,
     )
-    if split_k > 1:
+    if split_k > 1 and not in_kernel:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
-            target, y, y, y, scales, M * N, N, split_k, EPILOGUE=epilogue, ROW_SCALE=True,
+            workspace, y, y, y, scales, M * N, N, split_k, EPILOGUE=epilogue, ROW_SCALE=True,
             STORE_PRE=False, STORE_POST=True, UPCAST=upcast, BLOCK=block)
 
 
@@ -567,6 +578,8 @@ def _check_config(config, impl):
         raise TypeError(f"config must be an Int5Config of one of the kernels {KERNELS}, got {config!r}")
     if impl not in ("auto", "fused", config.kernel):
         raise ValueError(f"impl={impl!r} does not match config {config}")
+    if config.reduce_in_kernel not in (0, 1) or (config.reduce_in_kernel and config.kernel != "splitk"):
+        raise ValueError(f"config.reduce_in_kernel must be 0 or 1 (1 for the splitk kernel only), got {config}")
     low = 1 if config.kernel == "gemv" else 16  # the MMA kernels' smallest tile side
     for name in ("block_m", "block_n"):
         value = getattr(config, name)

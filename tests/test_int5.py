@@ -12,7 +12,7 @@ from helpers import DEVICE, rel_err, requires_cuda
 
 from recycore.kernels import Int5Linear, int5_linear, int5_linear_reference
 from recycore.kernels import int5 as int5_module
-from recycore.kernels.gemm import EPILOGUE_LEAKY_RELU2, INT5_GROUP, default_config, gemm
+from recycore.kernels.gemm import EPILOGUE_LEAKY_RELU2, INT5_GROUP, arrival_counters, default_config, gemm
 from recycore.kernels.int5 import (
     CPU_CONFIGS,
     SMALL_M_MAX,
@@ -235,6 +235,62 @@ def test_the_weight_is_never_decoded(monkeypatch, M):
     assert calls == []
     int5_linear(x, packed, scales, N, K, impl="dequant")
     assert calls == [(N, K)]
+
+
+@pytest.mark.parametrize("rows, cols, split_k", [(N, K, 2), (40, 300, 3), (24, 513, 2), (24, 513, 5)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("leaky", [False, True])
+def test_split_rows_summed_in_kernel_match_the_reduction_launch(rows, cols, split_k, leaky):
+    """reduce_in_kernel (each tile's last split sums the partials): the numbers of the two-launch
+    split-K bit for bit (the same sums in the same order), every element written, against float64,
+    twice in a row (the arrival counters are left zero for the next launch)."""
+    q, scales, packed = _weight(rows, cols)
+    M = 37  # ragged against the 16-row tiles
+    base = _cpu_config("splitk", block_m=16, block_n=16, split_k=split_k) or \
+        Int5Config("splitk", 16, 16, 4, 3, group_m=1, split_k=split_k)
+    for _ in range(2):
+        x = torch.randn(M, cols, device=DEVICE, dtype=torch.bfloat16)
+        outputs = []
+        for config in (base, dataclasses.replace(base, reduce_in_kernel=1)):
+            y = torch.full((M, rows), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+            int5_module._launch_splitk(x, packed, scales, y, rows, cols, leaky, config)
+            outputs.append(y)
+        assert not outputs[1].isnan().any()
+        assert torch.equal(outputs[1], outputs[0])
+        assert rel_err(outputs[1], _reference(x, q, scales, "leaky_relu2" if leaky else None)) < TOL[torch.bfloat16]
+        assert not arrival_counters(DEVICE).any()
+
+
+def test_reduce_in_kernel_is_checked_and_named():
+    x = torch.randn(3, K, device=DEVICE)
+    _, scales, packed = _weight(N, K)
+    for config in (Int5Config("splitk", 16, 16, reduce_in_kernel=2), Int5Config("stream", 16, 16, reduce_in_kernel=1)):
+        with pytest.raises(ValueError, match="reduce_in_kernel"):
+            int5_linear(x, packed, scales, N, K, config=config)
+    config = Int5Config("splitk", 16, 16, split_k=3, reduce_in_kernel=1)
+    assert str(config).endswith("k3r") and Int5Config.from_list(config.as_list()) == config
+
+
+@requires_cuda
+def test_reduce_in_kernel_replays_in_a_cuda_graph():
+    """One launch per call, replayed from a CUDA graph: the counters reset inside the replays."""
+    q, scales, packed = _weight(512, 1536)
+    x = torch.randn(16, 1536, device=DEVICE, dtype=torch.bfloat16)
+    config = Int5Config("splitk", 16, 16, 4, 3, group_m=1, split_k=0, reduce_in_kernel=1)
+    expected = int5_linear(x, packed, scales, 512, 1536, config=config)  # warm-up: compile
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        int5_linear(x, packed, scales, 512, 1536, config=config)  # this stream's counters, outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        y = int5_linear(x, packed, scales, 512, 1536, config=config)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected)
+    assert rel_err(y, _reference(x, q, scales)) < TOL[torch.bfloat16]
 
 
 def test_raw_template_launcher_writes_every_element():

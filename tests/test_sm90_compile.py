@@ -120,12 +120,12 @@ INT5_MATRICES = {
 SPLIT_K_MATRIX = "mlp.proj"  # the one row of more than SMALL_M_UNSPLIT_GROUPS groups: split-K + reduction
 
 
-def _int5(matrix, rows, impl="auto"):
+def _int5(matrix, rows, impl="auto", config=None):
     """K3: the int5_linear custom op (its dispatch and launch) on x (rows, in_features)."""
     n, k, activation = INT5_MATRICES[matrix]
     packed = _empty(n, triton.cdiv(k, gemm.INT5_GROUP) * gemm.INT5_GROUP_WORDS, dtype=torch.int32)
     _body(int5._int5_linear)(_empty(rows, k), packed, _empty(n, dtype=torch.float16), n, k,
-                             activation or "none", impl, None)
+                             activation or "none", impl, None if config is None else config.as_list())
 
 
 def _large_m_kernel(matrix):
@@ -177,6 +177,10 @@ def _scenarios():
                 ["_gemm_kernel", "_splitk_reduce_kernel"] if matrix == SPLIT_K_MATRIX else ["_gemm_kernel"])
         for rows in (1, int5.GEMV_MAX_M):
             s[f"int5-gemv-{matrix}-M{rows}"] = partial(_int5, matrix, rows, "gemv"), ["_int5_gemv_kernel"]
+    # the candidate that sums the split rows in the template kernel (one launch)
+    in_kernel = int5.Int5Config("splitk", 16, int5.SMALL_M_BLOCK_N, 4, 3, group_m=1, reduce_in_kernel=1)
+    s["int5-splitk-reduce-in-kernel"] = partial(_int5, SPLIT_K_MATRIX, int5.GEMV_MAX_M, config=in_kernel), [
+        "_gemm_kernel"]
     s["int5-dequant"] = partial(_int5, "mlp.proj", EVAL_ROWS, "dequant"), ["_dequantize_kernel"]
     s["head-ce"] = partial(_head, "ce"), ["_rms_norm_fwd_kernel", "_softcap_ce_kernel", "_rms_norm_bwd_kernel"]
     s["head-nll"] = partial(_head, "nll"), ["_softcap_ce_kernel"]
