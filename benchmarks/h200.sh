@@ -197,13 +197,14 @@ for s in "$@"; do
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;
     # host cost per call of every launcher (benchmarks/host_cost.py) for this code and, with BASELINE=DIR
     # (a tree of recycore/ and kernels/ of an earlier commit, relative to the repo and carried;
-    # BASELINE_COMMIT names it), for that code too, in one call
+    # BASELINE_COMMIT names it), for that code too: HOST_ROUNDS (5) alternating processes per version
     hostcost) if [ -n "${BASELINE:-}" ]; then
                 base=/tmp/recycore_base_$$; path_tree "$base" "$R/$BASELINE"
-                stage hostbase 120 env PYTHONPATH="$base" python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" \
-                  --label "before, ${BASELINE_COMMIT:-baseline}"
+                stage hostcost 300 python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" --rounds "${HOST_ROUNDS:-5}" \
+                  --compare "before, ${BASELINE_COMMIT:-baseline}=$base" "after, $COMMIT=$P"
+              else
+                stage hostcost 120 python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" --label "$COMMIT"
               fi
-              stage hostcost 120 python3 "$R/benchmarks/host_cost.py" "$OUT/hostcost.jsonl" --label "after, $COMMIT"
               record "BASELINE=${BASELINE:-} bash benchmarks/h200.sh hostcost" "$OUT/hostcost.jsonl" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -1,18 +1,26 @@
 """Host (CPU) cost per call of every custom-op launcher, in microseconds (issue 17, item 3).
 
     python benchmarks/host_cost.py OUT.jsonl [--label NAME]
+    python benchmarks/host_cost.py OUT.jsonl --compare before=TREE after=TREE [--rounds 5]
 
 Each op runs on inputs so small that the GPU finishes every kernel long before the host issues the
 next one, so the wall time of a call is what the host spends in it: Python, the op's checks and
 config choice, the custom-op dispatch, descriptor set-up and the Triton or cuBLAS launch. The median
 of SAMPLES calls (the queue drained every DRAIN calls, outside the timing) per op; torch.mm and an
-elementwise torch op give the floor of one launch from Python. Run once per code version in one call
-(`h200.sh hostcost` runs the committed version and a baseline tree) and compare the rows.
+elementwise torch op give the floor of one launch from Python.
+Two code versions cannot share a process (one `recycore` package per process), and one process per
+version is not enough: two processes of one call measured the floor itself (one torch.mm) 1.3x apart
+(benchmarks/README.md). `--compare` therefore runs ROUNDS processes per version, alternating, each
+with PYTHONPATH=TREE (a directory holding a `recycore` package), and reports per op and version the
+median of the rounds' medians, with the rounds' range.
 """
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -78,20 +86,57 @@ def cases():
     }
 
 
+def measure(label):
+    """Rows (one per op) of this process's code, printed as they come."""
+    rows = []
+    for name, (shape, fn) in cases().items():
+        median, p20, p80 = host_us(fn)
+        rows.append({"benchmark": "host cost per call", "shape": shape, "variant": f"{name} [{label}]",
+                     "statistic": "median", "value": round(median, 2), "unit": "us",
+                     "note": f"p20 {p20:.1f}, p80 {p80:.1f}; {SAMPLES} calls"})
+        print(f"{name:48s} {median:8.1f} us  (p20 {p20:.1f}, p80 {p80:.1f})  [{label}]", flush=True)
+    return rows
+
+
+def compare(trees, rounds):
+    """{label: PYTHONPATH tree} measured `rounds` times each in alternating processes -> rows of the
+    median over the rounds (a round's figure: its process's median of SAMPLES calls)."""
+    per_round = {label: [] for label in trees}
+    for r in range(rounds):
+        order = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for label in order:
+            with tempfile.NamedTemporaryFile(suffix=".jsonl") as tmp:
+                env = dict(os.environ, PYTHONPATH=trees[label])
+                subprocess.run([sys.executable, __file__, tmp.name, "--label", label], env=env, check=True)
+                per_round[label].append([json.loads(line) for line in open(tmp.name)])
+    rows = []
+    for label, runs in per_round.items():
+        for i, row in enumerate(runs[0]):
+            values = sorted(run[i]["value"] for run in runs)
+            rows.append(dict(row, value=round(statistics.median(values), 2),
+                             note=f"median of {rounds} alternating processes ({values[0]:.1f} to {values[-1]:.1f}); "
+                                  f"each the median of {SAMPLES} calls"))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="JSON lines to append a row per op to")
     parser.add_argument("--label", default="current", help="names the code version in each row's variant")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=TREE",
+                        help="versions to compare in alternating processes, each a directory holding `recycore`")
+    parser.add_argument("--rounds", type=int, default=5, help="processes per version with --compare")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("host_cost.py measures CUDA launches: no CUDA device here")
-    rows = []
-    for name, (shape, fn) in cases().items():
-        median, p20, p80 = host_us(fn)
-        rows.append({"benchmark": "host cost per call", "shape": shape, "variant": f"{name} [{args.label}]",
-                     "statistic": "median", "value": round(median, 2), "unit": "us",
-                     "note": f"p20 {p20:.1f}, p80 {p80:.1f}; {SAMPLES} calls"})
-        print(f"{name:48s} {median:8.1f} us  (p20 {p20:.1f}, p80 {p80:.1f})  [{args.label}]")
+    if args.compare:
+        trees = dict(item.split("=", 1) for item in args.compare)
+        rows = compare(trees, args.rounds)
+        print("\nmedian over the rounds:")
+        for r in rows:
+            print(f"{r['variant']:64s} {r['value']:8.1f} us  ({r['note'].split('(')[1].split(')')[0]})")
+    else:
+        rows = measure(args.label)
     with open(args.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 

@@ -164,3 +164,27 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
     report.write_atomic(target, "one\n")
     report.write_atomic(target, "two\n")
     assert target.read_text() == "two\n" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_host_cost_compare_alternates_processes_and_takes_the_median(monkeypatch):
+    """benchmarks/host_cost.py --compare: one process per version and round, in alternating order, each
+    with its tree on PYTHONPATH; per op and version the median of the rounds."""
+    spec = importlib.util.spec_from_file_location("bench_host_cost", BENCH / "host_cost.py")
+    host_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_cost)
+    runs = []
+
+    def fake_run(cmd, env, check):
+        label = cmd[cmd.index("--label") + 1]
+        runs.append((label, env["PYTHONPATH"]))
+        value = {"old": [30.0, 10.0, 20.0], "new": [5.0, 7.0, 6.0]}[label][sum(r[0] == label for r in runs) - 1]
+        with open(cmd[2], "w") as f:
+            f.write(json.dumps({"benchmark": "host cost per call", "shape": "s", "variant": f"op [{label}]",
+                                "statistic": "median", "value": value, "unit": "us", "note": "x"}) + "\n")
+
+    monkeypatch.setattr(host_cost.subprocess, "run", fake_run)
+    rows = host_cost.compare({"old": "/trees/old", "new": "/trees/new"}, rounds=3)
+    assert runs == [("old", "/trees/old"), ("new", "/trees/new"), ("new", "/trees/new"), ("old", "/trees/old"),
+                    ("old", "/trees/old"), ("new", "/trees/new")]
+    assert {r["variant"]: r["value"] for r in rows} == {"op [old]": 20.0, "op [new]": 6.0}
+    assert "3 alternating processes (10.0 to 30.0)" in rows[0]["note"]
