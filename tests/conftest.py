@@ -1,10 +1,19 @@
 """Test set-up: on a machine without CUDA the Triton kernels run under the CPU
 interpreter, which must be switched on before anything imports triton
-(torch.compile imports it too)."""
+(torch.compile imports it too); under pytest-xdist, compile caches per worker."""
 import os
 import sys
+import tempfile
 
-import torch
+# Under pytest-xdist each worker compiles into caches of its own: a cache directory shared by processes
+# is a write-write interaction between them that nothing here controls (concurrent Triton cache writes
+# have crashed compiles elsewhere, triton-lang/triton#11512), and the GPU suite failed under 8 workers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _caches = os.path.join(tempfile.gettempdir(), "recycore_test_caches", os.environ["PYTEST_XDIST_WORKER"])
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
