@@ -381,7 +381,8 @@ def _evaluate_modes(mode: str, logits_fn, cfg: Config, ctx) -> dict:
     import torch
 
     from recycore.data import load_validation_tokens
-    from recycore.evaluate import build_byte_tables, evaluate_sliding, evaluate_standard, load_tokenizer
+    from recycore.evaluate import (batch_shapes, build_byte_tables, evaluate_sliding, evaluate_standard,
+                                   load_tokenizer, warm_up)
 
     tables = build_byte_tables(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size)
     val_tokens = load_validation_tokens(cfg.data_path, cfg.eval_seq_len, cfg.val_max_tokens)
@@ -394,6 +395,12 @@ def _evaluate_modes(mode: str, logits_fn, cfg: Config, ctx) -> dict:
                                             cfg.eval_batch_seqs, **common),
     }
     results = {"val_tokens": val_tokens.numel() - 1}
+    if ctx.on_cuda:  # compile every batch shape first: the timings below are of evaluation only
+        start = time.perf_counter()
+        modes = tuple(runs) if mode == "both" else (mode,)
+        warm_up(logits_fn, batch_shapes(val_tokens.numel(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs,
+                                        modes, ctx.rank, ctx.world_size), ctx.device)
+        results["warmup_seconds"] = time.perf_counter() - start
     for name, evaluate in runs.items():
         if mode not in ("both", name):
             continue

@@ -132,6 +132,8 @@ def eval_summary(results: dict, budget_bytes: int) -> list[str]:
     lines += figure_rows(rows)
     times = ", ".join(f"{name} {results[name]['eval_seconds']:.1f}s" for name in ("standard", "sliding")
                       if name in results)
+    if "warmup_seconds" in results:
+        times += f" (after {results['warmup_seconds']:.1f}s compiling)"
     lines.append(f"  {results['val_tokens']:,} validation tokens, seq_len {results['eval_seq_len']} | {times} "
                  f"on {results['device']}")
     return lines

@@ -140,6 +140,33 @@ def sliding_windows(total_targets: int, seq_len: int, stride: int) -> list[tuple
     return windows
 
 
+def batch_shapes(n_tokens: int, seq_len: int, stride: int, batch_seqs: int, modes=("standard", "sliding"),
+                 rank: int = 0, world_size: int = 1) -> set[tuple[int, int]]:
+    """The (batch, seq_len) shapes of the batches the evaluations `modes` run on this rank for
+    n_tokens validation tokens: the full batch and each evaluation's last, partial one."""
+    def shapes(count):
+        mine = count * (rank + 1) // world_size - count * rank // world_size
+        return {(min(batch_seqs, mine), seq_len)} | ({(mine % batch_seqs, seq_len)} if mine % batch_seqs else set())
+
+    out = set()
+    if "standard" in modes:
+        out |= shapes((n_tokens - 1) // seq_len)
+    if "sliding" in modes:  # as sliding_windows: one full window, then one per stride of the rest
+        out |= shapes(1 + -(-max(0, n_tokens - 1 - seq_len) // stride))
+    return {shape for shape in out if shape[0] > 0}
+
+
+@torch.inference_mode()
+def warm_up(logits_fn: LogitsFn, shapes: set[tuple[int, int]], device) -> None:
+    """One forward of each batch shape, so that compiling (torch.compile, Triton) is not timed as
+    evaluation."""
+    for batch, seq_len in sorted(shapes, reverse=True):
+        x = torch.zeros(batch, seq_len, dtype=torch.int64, device=device)
+        token_nll(logits_fn, x, x)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def evaluate_sliding(logits_fn: LogitsFn, val_tokens: Tensor, tables: ByteTables, seq_len: int, stride: int,
                      batch_seqs: int, device, rank: int = 0, world_size: int = 1,

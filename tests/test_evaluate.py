@@ -76,3 +76,59 @@ def test_uniform_model_bpb(demo):
     assert loss == pytest.approx(math.log(1024))
     tokens_per_byte = 320 / tables.count(val[:-1], val[1:]).sum().item()
     assert bpb == pytest.approx(10 * tokens_per_byte)
+
+
+@pytest.mark.parametrize("n_tokens, seq_len, stride, batch_seqs, world_size", [
+    (1000, 64, 16, 7, 1), (1000, 64, 16, 7, 3), (65, 64, 16, 4, 1), (640, 64, 64, 10, 1), (300, 64, 50, 3, 2)])
+def test_batch_shapes_are_the_shapes_the_evaluations_run(n_tokens, seq_len, stride, batch_seqs, world_size):
+    """warm_up compiles what batch_shapes lists: exactly the input shapes each evaluation runs."""
+    from recycore.evaluate import ByteTables, batch_shapes
+
+    val = torch.randint(0, 16, (n_tokens,))
+    tables = ByteTables(torch.ones(16, dtype=torch.int16), torch.zeros(16, dtype=torch.bool),
+                        torch.zeros(16, dtype=torch.bool))
+    for mode, evaluate in (("standard", lambda f, r: evaluate_standard(f, val, tables, seq_len, batch_seqs, "cpu", r,
+                                                                       world_size)),
+                           ("sliding", lambda f, r: evaluate_sliding(f, val, tables, seq_len, stride, batch_seqs,
+                                                                     "cpu", r, world_size))):
+        for rank in range(world_size):
+            seen = set()
+
+            def logits_fn(x):
+                seen.add(tuple(x.shape))
+                return torch.zeros(*x.shape, 16)
+
+            evaluate(logits_fn, rank)
+            assert seen == batch_shapes(n_tokens, seq_len, stride, batch_seqs, (mode,), rank, world_size)
+
+
+def test_eval_command_compiles_every_batch_shape_before_timing(demo_data, monkeypatch):
+    """`recycore eval` on CUDA (here faked on the CPU): every batch shape the timed evaluations run was
+    already run by the warm-up, whose time is reported apart."""
+    import types
+
+    import recycore.evaluate as evaluate_module
+    from recycore import cli
+    from recycore.config import Config
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    cfg = Config(data_path=str(demo_data[0]), tokenizer_path=str(demo_data[1]), eval_seq_len=64, eval_stride=48,
+                 eval_batch_seqs=5, val_max_tokens=1500)
+    ctx = types.SimpleNamespace(on_cuda=True, device=torch.device("cpu"), rank=0, world_size=1)
+    shapes = {"warm-up": set(), "timed": set()}
+    phase = ["timed"]
+    real_warm_up = evaluate_module.warm_up
+
+    def warm_up(*args):
+        phase[0] = "warm-up"
+        real_warm_up(*args)
+        phase[0] = "timed"
+
+    def logits_fn(x):
+        shapes[phase[0]].add(tuple(x.shape))
+        return torch.zeros(*x.shape, cfg.vocab_size)
+
+    monkeypatch.setattr(evaluate_module, "warm_up", warm_up)
+    results = cli._evaluate_modes("both", logits_fn, cfg, ctx)
+    assert results["warmup_seconds"] >= 0 and results["sliding"]["eval_seconds"] >= 0
+    assert len(shapes["timed"]) >= 2 and shapes["timed"] == shapes["warm-up"]
