@@ -1,6 +1,7 @@
 """K1 fused LeakyReLU² MLP on the GPU at the seed shape (M = 48 x 2048 = 98,304 rows, d = 512,
 h = 1536, bf16 activations, fp32 master weights), forward and forward+backward:
-  ours = recycore.kernels.leaky_relu2_mlp (Triton GEMM template with the activation epilogues + cuBLAS);
+  ours = recycore.kernels.leaky_relu2_mlp (Triton GEMM template with the activation epilogues + cuBLAS;
+  ours_tiled: its one-tile-per-program GEMMs; ours_sign: the forward keeps pre's sign bits, not pre);
   baseline = the same math (leaky_relu2_mlp_reference) under torch.compile(mode="max-autotune");
   cublas = the bare cuBLAS GEMMs alone (up + down; the 6 GEMMs of forward+backward), no activation.
 TFLOP/s count the GEMMs: 2 * 2*M*d*h forward, 6 * 2*M*d*h forward+backward.
@@ -11,7 +12,7 @@ configs and split-K for each of the six GEMMs, times the alternatives of each (T
 the M-tiled GEMMs also on the template's persistent TMA kernel, GemmConfig(persistent=True)),
 writes the best configs of the template GEMMs (OUT_DIR/k1_best.json, persistent or not: copy the winners into
 kernels/mlp.py's SEED_CONFIGS), profiles our forward+backward with the committed configs and times ours and the
-bare cuBLAS GEMMs (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` times ours (both variants) against the
+bare cuBLAS GEMMs (OUT_DIR/k1_sweep.json). `... OUT_DIR --baseline` times ours (every variant) against the
 max-autotune baseline in a fresh process (OUT_DIR/k1_baseline.json).
 """
 import json
@@ -56,6 +57,7 @@ def _cublas_gemms(u, w_up, w_down, backward):
 
 
 _COMPILED = {}
+OURS = {"ours": ("persistent", "pre"), "ours_tiled": ("tiled", "pre"), "ours_sign": ("persistent", "sign")}
 
 
 def _step(name, inputs, backward):
@@ -63,11 +65,11 @@ def _step(name, inputs, backward):
 
     if name == "cublas_gemms_only":
         return _cublas_gemms(*inputs, backward)
-    if name in ("ours", "ours_tiled"):
-        variant = "tiled" if name == "ours_tiled" else "persistent"
+    if name in OURS:
+        variant, saved = OURS[name]
 
         def fn(u, w_up, w_down):
-            return leaky_relu2_mlp(u, w_up, w_down, variant)
+            return leaky_relu2_mlp(u, w_up, w_down, variant, saved)
     else:
         if "max_autotune" not in _COMPILED:
             _COMPILED["max_autotune"] = torch.compile(leaky_relu2_mlp_reference, mode="max-autotune", fullgraph=True)
@@ -85,7 +87,7 @@ def _step(name, inputs, backward):
 
 
 @requires_cuda
-@pytest.mark.parametrize("name", ["ours", "ours_tiled", "max_autotune", "cublas_gemms_only"])
+@pytest.mark.parametrize("name", [*OURS, "max_autotune", "cublas_gemms_only"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 def test_bench_mlp(benchmark, name, backward):
     torch.manual_seed(0)
@@ -341,7 +343,7 @@ def baseline(out_dir):
 
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     torch.manual_seed(0)
-    _time_contenders(report, ("ours", "ours_tiled", "cublas_gemms_only", "max_autotune"), out_dir, "k1_baseline.json")
+    _time_contenders(report, (*OURS, "cublas_gemms_only", "max_autotune"), out_dir, "k1_baseline.json")
 
 
 if __name__ == "__main__":

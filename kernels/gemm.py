@@ -12,7 +12,10 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
 - the epilogue is a constexpr choice, after an optional ROW_SCALE (column n times scale[n], the
   scale of weight row n): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
   `pre` and/or `post = leaky_relu(pre, 0.5)^2`), LEAKY_RELU2_GRAD (C is d_post: store
-  d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`);
+  d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`); with PRE_AS_SIGN the `pre` slot holds
+  instead the sign of pre, one bit per value ((M, N / 32) int32, bit j of word w: pre[:, 32 w + j]
+  < 0): LEAKY_RELU2 stores those bits, LEAKY_RELU2_GRAD reads them and `post`, with |pre| =
+  sqrt(post) (pre > 0) or 2 sqrt(post): d_pre = C * (pre > 0 ? 2 sqrt(post) : -sqrt(post));
 - split-K over the second grid axis: each split writes its fp32 partial C into a workspace slice,
   and `_splitk_reduce_kernel` sums the slices and applies ROW_SCALE and the epilogue (no atomics,
   deterministic); or, with REDUCE_IN_KERNEL, the last split of a tile to arrive (an arrival counter
@@ -191,30 +194,61 @@ def _put(dst, offs, mask, value, TMA: tl.constexpr):
 
 
 @triton.jit
+def _sign_word_offsets(offs, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offsets, mask) of the sign words of the (BLOCK_M, BLOCK_N) pointer tile at `offs` in the
+    (M, N / 32) words (N a multiple of 32; under TMA the words' block is at (row, col // 32))."""
+    words = tl.min(tl.reshape(offs, (BLOCK_M, BLOCK_N // 32, 32)), axis=2) // 32
+    return words, tl.max(tl.reshape(mask.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32)), axis=2) != 0
+
+
+@triton.jit
 def _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr,
                     EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-                    UPCAST: tl.constexpr, TMA: tl.constexpr = False):
+                    UPCAST: tl.constexpr, TMA: tl.constexpr = False, PRE_AS_SIGN: tl.constexpr = False):
     """Apply the epilogue to the fp32 tile `acc` and store it at `offs` (shared by the GEMM, the
     persistent GEMM and the split-K reduction; the outputs are contiguous (M, N) tensors, given as
-    pointers, or under TMA as descriptors with offs = the block's (row, col))."""
+    pointers, or under TMA as descriptors with offs = the block's (row, col)). PRE_AS_SIGN: pre_ptr
+    holds pre's sign bits (see the module doc; 2-D tiles only)."""
     if EPILOGUE == 1:  # LEAKY_RELU2: acc is pre
-        # post is computed from the pre that backward sees (rounded to pre's dtype)
+        # post is computed from the pre that backward sees (rounded to its dtype)
         if TMA:
-            pre = acc.to(pre_ptr.dtype)
+            pre = acc.to(post_ptr.dtype)
         else:
-            pre = acc.to(pre_ptr.dtype.element_ty)
+            pre = acc.to(post_ptr.dtype.element_ty)
         if STORE_PRE:
-            _put(pre_ptr, offs, mask, pre, TMA)
+            if PRE_AS_SIGN:
+                bits = tl.reshape((pre < 0).to(tl.int32), (acc.shape[0], acc.shape[1] // 32, 32))
+                words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)  # distinct bits: sum = or
+                if TMA:
+                    _put(pre_ptr, (offs[0], offs[1] // 32), None, words, TMA)
+                else:
+                    word_offs, word_mask = _sign_word_offsets(offs, mask, acc.shape[0], acc.shape[1])
+                    _put(pre_ptr, word_offs, word_mask, words, TMA)
+            else:
+                _put(pre_ptr, offs, mask, pre, TMA)
         if STORE_POST:
             if UPCAST:
                 pre = pre.to(tl.float32)
             _put(post_ptr, offs, mask, _leaky_relu2(pre), TMA)
     elif EPILOGUE == 2:  # LEAKY_RELU2_GRAD: acc is d_post
-        if TMA:
-            pre = pre_ptr.load(offs).to(tl.float32)  # zero-padded past the edges
+        if PRE_AS_SIGN:
+            if TMA:  # zero-padded past the edges
+                post = post_ptr.load(offs).to(tl.float32)
+                words = pre_ptr.load([offs[0], offs[1] // 32])
+            else:
+                word_offs, word_mask = _sign_word_offsets(offs, mask, acc.shape[0], acc.shape[1])
+                post = tl.load(post_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                words = tl.load(pre_ptr + word_offs, mask=word_mask, other=0)
+            bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+            negative = tl.reshape(bits, (acc.shape[0], acc.shape[1])) != 0
+            root = tl.sqrt(post)  # |pre| (pre > 0), |pre| / 2 (pre < 0)
+            _put(out_ptr, offs, mask, acc * tl.where(negative, -root, 2.0 * root), TMA)
         else:
-            pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _put(out_ptr, offs, mask, acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre), TMA)
+            if TMA:
+                pre = pre_ptr.load(offs).to(tl.float32)  # zero-padded past the edges
+            else:
+                pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            _put(out_ptr, offs, mask, acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre), TMA)
     else:
         _put(out_ptr, offs, mask, acc, TMA)
 
@@ -229,6 +263,7 @@ def _gemm_kernel(
     WRITE_PARTIALS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRE_AS_SIGN: tl.constexpr = False,
 ):
     """One output tile (and one K split) per program. WRITE_PARTIALS: the fp32 partial goes to the
     split's workspace slice ws[split]; REDUCE_IN_KERNEL: the tile's last split to arrive (counted in
@@ -287,21 +322,22 @@ def _gemm_kernel(
                     # .cg: from L2, where the other programs' stores are (L1 is not coherent)
                     acc += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
                 _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
-                          EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST)
+                          EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST, PRE_AS_SIGN)
                 tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0)  # zero for the next launch
     else:
         _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
-                  EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST)
+                  EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST, PRE_AS_SIGN)
 
 
 @triton.jit
 def _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
               EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-              UPCAST: tl.constexpr):
+              UPCAST: tl.constexpr, PRE_AS_SIGN: tl.constexpr):
     """ROW_SCALE, then the epilogue, of an (BLOCK_M, BLOCK_N) fp32 tile of `_gemm_kernel`."""
     if ROW_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST)
+    _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST,
+                    PRE_AS_SIGN=PRE_AS_SIGN)
 
 
 @triton.jit
@@ -312,7 +348,7 @@ def _gemm_persistent_kernel(
     EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SUBTILE: tl.constexpr,
+    SUBTILE: tl.constexpr, PRE_AS_SIGN: tl.constexpr = False,
 ):
     """C = A B^T like `_gemm_kernel` (float operands, no split-K), one program per SM looping over
     the tiles. A_T / B_T: the descriptor is over the operand's transposed storage ((K, M) / (K, N)
@@ -358,12 +394,12 @@ def _gemm_persistent_kernel(
         if SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory staging
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _store_epilogue(acc0, (m0, n0), None, out_desc, pre_desc, post_desc,
-                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True)
+                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN)
             _store_epilogue(acc1, (m0, n0 + BLOCK_N // 2), None, out_desc, pre_desc, post_desc,
-                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True)
+                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN)
         else:
             _store_epilogue(acc, (m0, n0), None, out_desc, pre_desc, post_desc,
-                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True)
+                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN)
 
 
 @triton.jit
@@ -392,7 +428,7 @@ def _check_output(t, name, shape, device):
 
 
 def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_NONE,
-         int5_k=None, split_k=1, config=None):
+         int5_k=None, split_k=1, config=None, pre_sign=False):
     """C = a @ b^T through the template; writes into the given contiguous (M, N) buffers.
 
     a: (M, K), b: (N, K), any strides (pass `x.t()` for a transposed operand), float dtypes;
@@ -400,6 +436,8 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
     epilogue NONE and LEAKY_RELU2_GRAD write `out` (the latter reads `pre`); LEAKY_RELU2 writes
     `pre` and/or `post`. `scale` (N,) multiplies column n before the epilogue (ROW_SCALE).
     split_k > 1 sums fp32 partials in a workspace (not with LEAKY_RELU2_GRAD).
+    pre_sign: `pre` is the (M, N / 32) int32 sign bits of pre (N a multiple of 32; see the module doc):
+    LEAKY_RELU2 stores them (with post), LEAKY_RELU2_GRAD reads them and `post`.
     config.persistent: the persistent TMA kernel, when split_k is 1, b is not INT5 and every tensor
     suits TMA (see `_launch_persistent`); otherwise the one-tile-per-program kernel runs.
     """
@@ -421,21 +459,24 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
     if M * max(N, K) >= 2**31 or N * K >= 2**31:
         raise ValueError(f"GEMM ({M} x {N} x {K}) too large for 32-bit offsets")
     store_pre, store_post = pre is not None, post is not None
+    if pre_sign:
+        _check_sign_words(pre, post, epilogue, split_k, M, N, device)
     if epilogue == EPILOGUE_LEAKY_RELU2:
         if not (store_pre or store_post):
             raise ValueError("the LEAKY_RELU2 epilogue needs a pre and/or a post buffer")
         for t, name in ((pre, "pre"), (post, "post")):
-            if t is not None:
+            if t is not None and not (pre_sign and name == "pre"):
                 _check_output(t, name, (M, N), device)
-        if store_pre and store_post and pre.dtype != post.dtype:
+        if store_pre and store_post and pre.dtype != post.dtype and not pre_sign:
             raise TypeError("pre and post must have one dtype")
-        out = pre if store_pre else post
+        out = post if pre_sign or not store_pre else pre
     else:
         if out is None:
             raise ValueError("epilogue NONE / LEAKY_RELU2_GRAD needs an out buffer")
         _check_output(out, "out", (M, N), device)
         if epilogue == EPILOGUE_LEAKY_RELU2_GRAD:
-            _check_output(pre, "pre", (M, N), device)
+            if not pre_sign:
+                _check_output(pre, "pre", (M, N), device)
             if split_k > 1:
                 raise ValueError("split-K is not supported with the LEAKY_RELU2_GRAD epilogue")
         elif epilogue != EPILOGUE_NONE:
@@ -455,15 +496,16 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
     even_k = K % config.block_k == 0
     pre_arg = pre if pre is not None else out
     post_arg = post if post is not None else out
+    store_post = store_post and epilogue == EPILOGUE_LEAKY_RELU2  # the grad epilogue only reads post
     scale_arg = scale if scale is not None else out
     if split_k > 1:
         workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
     else:
         workspace = out  # not read
         if config.persistent and int5_k is None:
-            outputs = [t for t in (out, pre, post) if t is not None]
+            outputs = [t for t in (out, pre, post) if t is not None and not (pre_sign and t is pre)]
             if _launch_persistent(a, b, out, pre_arg, post_arg, scale, outputs, epilogue, store_pre, store_post,
-                                  M, N, K, config):
+                                  M, N, K, config, pre_sign):
                 return
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
     _gemm_kernel[grid](
@@ -475,7 +517,7 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=False, EVEN_K=even_k, UPCAST=upcast,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PRE_AS_SIGN=pre_sign, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
@@ -483,6 +525,22 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
             EPILOGUE=epilogue, ROW_SCALE=scale is not None,
             STORE_PRE=store_pre, STORE_POST=store_post, UPCAST=upcast, BLOCK=_REDUCE_BLOCK,
         )
+
+
+def _check_sign_words(pre, post, epilogue, split_k, M, N, device):
+    """pre_sign: pre holds (M, N / 32) int32 sign words, and the epilogue has the post it needs."""
+    if epilogue not in (EPILOGUE_LEAKY_RELU2, EPILOGUE_LEAKY_RELU2_GRAD):
+        raise ValueError("pre_sign is for the LEAKY_RELU2 and LEAKY_RELU2_GRAD epilogues")
+    if N % 32:
+        raise ValueError(f"pre_sign packs 32 columns per word: N = {N} is not a multiple of 32")
+    check_tensor(pre, "pre (sign words)", ndim=2, dtypes=(torch.int32,), device=device, contiguous=True)
+    if tuple(pre.shape) != (M, N // 32):
+        raise ValueError(f"pre (sign words) must have shape {(M, N // 32)}, got {tuple(pre.shape)}")
+    if post is None:
+        raise ValueError("pre_sign needs post (stored with the sign, or read with it for the gradient)")
+    _check_output(post, "post", (M, N), device)
+    if split_k > 1:
+        raise ValueError("split-K is not supported with pre_sign")
 
 
 def _tma_aligned(t, lead_stride):
@@ -502,18 +560,24 @@ def _operand_descriptor(x, block_rows, block_k):
     return None
 
 
-def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre, store_post, M, N, K, config):
+def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre, store_post, M, N, K, config,
+                       pre_sign=False):
     """Launch `_gemm_persistent_kernel`; False (nothing launched) when a tensor does not suit TMA."""
     if min(M, N, K) == 0 or not all(_tma_aligned(t, N) for t in outputs):
+        return False
+    store_n = config.block_n // 2 if config.epilogue_subtile else config.block_n
+    # sign words: TMA moves rows of >= 16 bytes (4 words: 128 columns) with 16-byte aligned strides
+    if pre_sign and (store_n % 128 or not _tma_aligned(pre, N // 32)):
         return False
     a_view = _operand_descriptor(a, config.block_m, config.block_k)
     b_view = _operand_descriptor(b, config.block_n, config.block_k)
     if a_view is None or b_view is None:
         return False
-    store_n = config.block_n // 2 if config.epilogue_subtile else config.block_n
-    # out / pre / post are contiguous (M, N); unused slots get any valid descriptor (pruned constexpr)
-    out_desc, pre_desc, post_desc = (
-        TensorDescriptor(t, [M, N], [N, 1], [config.block_m, store_n]) for t in (out, pre, post))
+    # out / pre / post are contiguous (M, N) (pre_sign: pre is (M, N / 32)); unused slots get any valid
+    # descriptor (pruned constexpr)
+    out_desc, post_desc = (TensorDescriptor(t, [M, N], [N, 1], [config.block_m, store_n]) for t in (out, post))
+    pre_desc = (TensorDescriptor(pre, [M, N // 32], [N // 32, 1], [config.block_m, store_n // 32]) if pre_sign
+                else TensorDescriptor(pre, [M, N], [N, 1], [config.block_m, store_n]))
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     upcast = on_interpreter(a)
     programs = min(tiles, INTERPRET_PROGRAMS if upcast else num_sms(a.device.index or 0))
@@ -524,7 +588,7 @@ def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
         UPCAST=upcast, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        SUBTILE=config.epilogue_subtile,
+        SUBTILE=config.epilogue_subtile, PRE_AS_SIGN=pre_sign,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return True

@@ -12,7 +12,10 @@ Backward: d_pre = (d_out @ W_down) * (pre > 0 ? 2 pre : 0.5 pre)  [template, epi
           du = d_pre @ W_up                                 [cuBLAS]
           dW_up = d_pre^T @ u                               [template, split-K, fp32 partials]
 `pre` and `post` are both saved: recomputing post from pre in the prologue of the GEMMs that read
-it measured slower than writing it once in the up GEMM's epilogue (benchmarks/README.md).
+it measured slower than writing it once in the up GEMM's epilogue (benchmarks/README.md). With
+saved="sign" the up GEMM writes, instead of pre, its sign (one bit per value: 1/16 of pre's bytes,
+and that much less memory held for backward), and d_pre's epilogue takes |pre| from post
+(post = pre^2 or pre^2 / 4): d_pre = d_post * (pre > 0 ? 2 sqrt(post) : -sqrt(post)).
 up and d_pre run on the template's persistent TMA variant (gemm.py: each tile's epilogue overlaps
 the next tile's loads), or with variant="tiled" on the one-tile-per-program kernel; the configs of
 each variant are tuned for the seed's shapes (benchmarks/README.md) and chosen by `configs_for`.
@@ -60,6 +63,7 @@ SEED_CONFIGS = {
 }
 VARIANTS = tuple(SEED_CONFIGS)
 PERSISTENT_ROLES = ("up", "d_pre")
+SAVED = ("pre", "sign")  # what the forward keeps for the activation's gradient
 
 
 @lru_cache(maxsize=1024)
@@ -79,34 +83,47 @@ def configs_for(tokens: int, d: int, h: int, variant: str = "persistent", interp
     return configs
 
 
+def _saved_like(u, h, saved):
+    """The tensor the forward keeps for the activation's gradient: pre (M, h), or its sign words."""
+    if saved == "sign":
+        return torch.empty((u.shape[0], h // 32), device=u.device, dtype=torch.int32)
+    return torch.empty((u.shape[0], h), device=u.device, dtype=u.dtype)
+
+
 @torch.library.custom_op("recycore::leaky_relu2_mlp", mutates_args=())
-def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
-    """u (M, d); w_up (h, d), w_down (d, h) in any float dtype -> (out (M, d), pre (M, h), post (M, h))."""
+def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str,
+                 saved: str = "pre") -> tuple[Tensor, Tensor, Tensor]:
+    """u (M, d); w_up (h, d), w_down (d, h) in any float dtype -> (out (M, d), pre (M, h) or its sign
+    words (M, h / 32) (saved), post (M, h))."""
     M, d = u.shape
     h = w_up.shape[0]
-    pre = torch.empty((M, h), device=u.device, dtype=u.dtype)
-    post = torch.empty_like(pre)
+    kept = _saved_like(u, h, saved)
+    post = torch.empty((M, h), device=u.device, dtype=u.dtype)
     config = configs_for(M, d, h, variant, on_interpreter(u))["up"]
-    gemm(u, w_up.to(u.dtype), pre=pre, post=post, epilogue=EPILOGUE_LEAKY_RELU2, config=config)
-    return torch.mm(post, w_down.to(u.dtype).t()), pre, post
+    gemm(u, w_up.to(u.dtype), pre=kept, post=post, epilogue=EPILOGUE_LEAKY_RELU2, config=config,
+         pre_sign=saved == "sign")
+    return torch.mm(post, w_down.to(u.dtype).t()), kept, post
 
 
 @_mlp_forward.register_fake
-def _(u, w_up, w_down, variant):
+def _(u, w_up, w_down, variant, saved="pre"):
     M, h = u.shape[0], w_up.shape[0]
-    return u.new_empty((M, w_down.shape[0])), u.new_empty((M, h)), u.new_empty((M, h))
+    kept = u.new_empty((M, h // 32), dtype=torch.int32) if saved == "sign" else u.new_empty((M, h))
+    return u.new_empty((M, w_down.shape[0])), kept, u.new_empty((M, h))
 
 
 @torch.library.custom_op("recycore::leaky_relu2_mlp_backward", mutates_args=())
-def _mlp_backward(d_out: Tensor, u: Tensor, w_up: Tensor, w_down: Tensor, pre: Tensor,
-                  post: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (du, dW_up, dW_down) of the MLP, each in its input's dtype."""
+def _mlp_backward(d_out: Tensor, u: Tensor, w_up: Tensor, w_down: Tensor, kept: Tensor,
+                  post: Tensor, variant: str, saved: str = "pre") -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (du, dW_up, dW_down) of the MLP, each in its input's dtype (kept: the forward's pre
+    or sign words, as `saved` says)."""
     M, d = u.shape
     h = w_up.shape[0]
     configs = configs_for(M, d, h, variant, on_interpreter(u))
-    d_pre = torch.empty_like(pre)
-    gemm(d_out, w_down.to(u.dtype).t(), out=d_pre, pre=pre, epilogue=EPILOGUE_LEAKY_RELU2_GRAD,
-         config=configs["d_pre"])
+    d_pre = torch.empty_like(post)
+    sign = saved == "sign"
+    gemm(d_out, w_down.to(u.dtype).t(), out=d_pre, pre=kept, post=post if sign else None,
+         epilogue=EPILOGUE_LEAKY_RELU2_GRAD, config=configs["d_pre"], pre_sign=sign)
     dw_down = torch.mm(d_out.t(), post).to(w_down.dtype)
     du = torch.mm(d_pre, w_up.to(u.dtype))
     dw_up = torch.empty_like(w_up)
@@ -117,22 +134,23 @@ def _mlp_backward(d_out: Tensor, u: Tensor, w_up: Tensor, w_down: Tensor, pre: T
 
 
 @_mlp_backward.register_fake
-def _(d_out, u, w_up, w_down, pre, post, variant):
+def _(d_out, u, w_up, w_down, kept, post, variant, saved="pre"):
     return torch.empty_like(u), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
-    u, w_up, w_down, variant = inputs
-    _, pre, post = output
-    ctx.save_for_backward(u, w_up, w_down, pre, post)
-    ctx.variant = variant
-    ctx.mark_non_differentiable(pre, post)
+    u, w_up, w_down, variant, saved = inputs
+    _, kept, post = output
+    ctx.save_for_backward(u, w_up, w_down, kept, post)
+    ctx.variant, ctx.saved = variant, saved
+    ctx.mark_non_differentiable(kept, post)
     ctx.set_materialize_grads(False)  # no (M, h) zero-filled gradients for pre and post
 
 
-def _backward(ctx, d_out, _d_pre, _d_post):
-    u, w_up, w_down, pre, post = ctx.saved_tensors
-    return (*torch.ops.recycore.leaky_relu2_mlp_backward(d_out, u, w_up, w_down, pre, post, ctx.variant), None)
+def _backward(ctx, d_out, _d_kept, _d_post):
+    u, w_up, w_down, kept, post = ctx.saved_tensors
+    return (*torch.ops.recycore.leaky_relu2_mlp_backward(d_out, u, w_up, w_down, kept, post, ctx.variant,
+                                                         ctx.saved), None, None)
 
 
 _mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -148,13 +166,19 @@ def _check_inputs(u, w_up, w_down):
         raise ValueError(f"w_down must be (d, h) = {(w_up.shape[1], w_up.shape[0])}, got {tuple(w_down.shape)}")
 
 
-def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str = "persistent") -> Tensor:
+def leaky_relu2_mlp(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str = "persistent",
+                    saved: str = "pre") -> Tensor:
     """leaky_relu(u W_up^T, 0.5)^2 W_down^T for u (..., d), w_up (h, d), w_down (d, h); differentiable.
-    variant: "persistent" or "tiled" template GEMMs for up and d_pre (see `configs_for`)."""
+    variant: "persistent" or "tiled" template GEMMs for up and d_pre (see `configs_for`); saved: what
+    the forward keeps for the activation's gradient, "pre" or "sign" (h a multiple of 32; module doc)."""
     _check_inputs(u, w_up, w_down)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    out, _, _ = torch.ops.recycore.leaky_relu2_mlp(u.reshape(-1, u.shape[-1]), w_up, w_down, variant)
+    if saved not in SAVED:
+        raise ValueError(f"saved must be one of {SAVED}, got {saved!r}")
+    if saved == "sign" and w_up.shape[0] % 32:
+        raise ValueError(f"saved='sign' packs 32 hidden units per word: h = {w_up.shape[0]} is not a multiple of 32")
+    out, _, _ = torch.ops.recycore.leaky_relu2_mlp(u.reshape(-1, u.shape[-1]), w_up, w_down, variant, saved)
     return out.reshape(u.shape)
 
 

@@ -225,3 +225,51 @@ def test_persistent_falls_back_when_tma_cannot_address(monkeypatch):
     out = _nan(M, N, torch.float32)
     gemm(a, b, out=out, config=config, split_k=2)
     assert rel_err(out, a.double() @ b.double().t()) < 1e-5
+
+
+def _sign_bits(words, cols):
+    """(rows, cols) bool: bit j of word w is column 32 w + j."""
+    return ((words[:, :, None] >> torch.arange(32, device=words.device)) & 1).reshape(words.shape[0], cols) != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["pointer", "persistent", "persistent-subtile"])
+def test_sign_of_pre_instead_of_pre(dtype, kernel, monkeypatch):
+    """pre_sign: LEAKY_RELU2 stores post and the sign bits of pre; LEAKY_RELU2_GRAD reads them and
+    post for d_pre. N = 256: 128-column blocks (TMA's 16-byte rows of words), ragged M and K."""
+    rows, cols, inner = 37, 256, 40
+    if kernel == "pointer":
+        config = dataclasses.replace(default_config(rows, cols, inner), block_n=64)
+    else:
+        monkeypatch.setattr(gemm_module, "_gemm_kernel", _Forbidden())
+        config = dataclasses.replace(default_config(rows, cols, inner), block_m=32, block_n=256, block_k=32,
+                                     num_stages=2, persistent=True, epilogue_subtile=kernel.endswith("subtile"))
+    a, b = _operand(rows, inner, dtype, False), _operand(cols, inner, dtype, False)
+    words = torch.full((rows, cols // 32), -1, device=DEVICE, dtype=torch.int32)
+    post = _nan(rows, cols, dtype)
+    gemm(a, b, pre=words, post=post, epilogue=EPILOGUE_LEAKY_RELU2, config=config, pre_sign=True)
+    pre = torch.empty(rows, cols, device=DEVICE, dtype=dtype)
+    gemm(a, b, pre=pre, epilogue=EPILOGUE_LEAKY_RELU2, config=config)
+    assert 0.3 < (pre < 0).double().mean() < 0.7
+    assert torch.equal(_sign_bits(words, cols), pre < 0)  # the sign of the pre that post is made of
+    assert rel_err(post, _leaky_relu2(a.double() @ b.double().t())) < 2 * TOL[dtype]
+    a2, b2 = _operand(rows, 24, dtype, False), _operand(cols, 24, dtype, True)  # b2: a w_down.t() view
+    d_pre = _nan(rows, cols, dtype)
+    gemm(a2, b2, out=d_pre, pre=words, post=post, epilogue=EPILOGUE_LEAKY_RELU2_GRAD, config=config, pre_sign=True)
+    pre64 = pre.double()
+    ref = (a2.double() @ b2.double().t()) * torch.where(pre64 > 0, 2 * pre64, 0.5 * pre64)
+    assert rel_err(d_pre, ref) < 2 * TOL[dtype]
+
+
+def test_sign_of_pre_is_checked():
+    a, b = _operand(8, 16, torch.float32, False), _operand(64, 16, torch.float32, False)
+    post, words = _nan(8, 64, torch.float32), torch.zeros(8, 2, device=DEVICE, dtype=torch.int32)
+    cases = [(dict(pre=words, post=post, split_k=2), "split-K"),
+             (dict(pre=words), "needs post"),
+             (dict(pre=torch.zeros(8, 3, device=DEVICE, dtype=torch.int32), post=post), r"shape \(8, 2\)"),
+             (dict(pre=words.float(), post=post), "sign words")]
+    for kwargs, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gemm(a, b, epilogue=EPILOGUE_LEAKY_RELU2, pre_sign=True, **kwargs)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gemm(a, b[:40], pre=words, post=post[:, :40].contiguous(), epilogue=EPILOGUE_LEAKY_RELU2, pre_sign=True)

@@ -21,8 +21,8 @@ def _inputs(lead, d, h, dtype, weight_dtype=torch.float32):
     return u, w_up, w_down
 
 
-def _check_against_float64(u, w_up, w_down, tol, variant="persistent"):
-    out = leaky_relu2_mlp(u, w_up, w_down, variant)
+def _check_against_float64(u, w_up, w_down, tol, variant="persistent", saved="pre"):
+    out = leaky_relu2_mlp(u, w_up, w_down, variant, saved)
     d_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (u, w_up, w_down), d_out)
     # The function computed: the weights as cast to u's dtype, everything else in float64.
@@ -63,6 +63,26 @@ def test_persistent_and_tiled_paths(dtype, variant, monkeypatch):
     assert len(launches) == (2 if variant == "persistent" else 0)  # up and d_pre (dW_up: split-K)
 
 
+@pytest.mark.parametrize("variant", mlp_module.VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saving_the_sign_of_pre(dtype, variant):
+    """saved="sign": the forward keeps pre's sign bits ((M, h / 32) int32) instead of pre, the backward
+    takes |pre| from post; M = 39 and d = 40 ragged, h = 96."""
+    u, w_up, w_down = _inputs((3, 13), 40, 96, dtype)
+    _check_against_float64(u, w_up, w_down, TOL[dtype], variant, "sign")
+    _, kept, post = torch.ops.recycore.leaky_relu2_mlp(u.detach().reshape(39, 40), w_up.detach(), w_down.detach(),
+                                                      variant, "sign")
+    assert kept.dtype == torch.int32 and kept.shape == (39, 3) and post.shape == (39, 96)
+
+
+def test_saving_the_sign_needs_whole_words():
+    u, w_up, w_down = (t.detach() for t in _inputs((5,), 40, 72, torch.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        leaky_relu2_mlp(u, w_up, w_down, saved="sign")
+    with pytest.raises(ValueError, match="saved must be one of"):
+        leaky_relu2_mlp(u, w_up, w_down, saved="post")
+
+
 @pytest.mark.parametrize("seqs", [12, 24, 48])
 def test_seed_shapes_get_the_tuned_configs(seqs):
     """At the seed's d and h the tuned configs are selected for every micro-batch the benchmarks and
@@ -87,14 +107,15 @@ def test_bf16_weights_give_bf16_grads():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
-    u, w_up, w_down = _inputs((21,), 40, 72, dtype)
-    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down, "persistent"))
-    pre = torch.randn(21, 72, device=DEVICE, dtype=dtype)
-    post = torch.nn.functional.leaky_relu(pre, 0.5).square()
+@pytest.mark.parametrize("saved", mlp_module.SAVED)
+def test_opcheck(dtype, saved):
+    u, w_up, w_down = _inputs((21,), 40, 96, dtype)
+    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down, "persistent", saved))
+    _, kept, post = torch.ops.recycore.leaky_relu2_mlp(u.detach(), w_up.detach(), w_down.detach(), "persistent",
+                                                      saved)
     d_out = torch.randn(21, 40, device=DEVICE, dtype=dtype)
     torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp_backward,
-                          (d_out, u.detach(), w_up.detach(), w_down.detach(), pre, post, "persistent"))
+                          (d_out, u.detach(), w_up.detach(), w_down.detach(), kept, post, "persistent", saved))
 
 
 def test_torch_compile_fullgraph():
@@ -126,6 +147,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @requires_cuda
-def test_seed_shapes_bf16():
+@pytest.mark.parametrize("saved", mlp_module.SAVED)
+def test_seed_shapes_bf16(saved):
     """M = 48 x 2048 = 98,304 rows, d = 512, h = 1536: the configs the seed runs (split-K included)."""
-    _check_against_float64(*_inputs((48, 2048), 512, 1536, torch.bfloat16), TOL[torch.bfloat16])
+    _check_against_float64(*_inputs((48, 2048), 512, 1536, torch.bfloat16), TOL[torch.bfloat16], saved=saved)

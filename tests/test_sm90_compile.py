@@ -63,14 +63,14 @@ def _body(op):
 # ----------------------------------------------------------------------------------------------
 # Scenarios: the model's calls of each kernel family, on meta tensors
 # ----------------------------------------------------------------------------------------------
-def _mlp(variant, direction):
+def _mlp(variant, direction, saved="pre"):
     """K1: the forward (up GEMM) or the backward (d_pre, dW_up) custom op of one micro-step."""
     u, w_up, w_down = _empty(TOKENS, D), _empty(H_MLP, D), _empty(D, H_MLP)
     if direction == "fwd":
-        _body(mlp._mlp_forward)(u, w_up, w_down, variant)
+        _body(mlp._mlp_forward)(u, w_up, w_down, variant, saved)
     else:
-        pre, post = _empty(TOKENS, H_MLP), _empty(TOKENS, H_MLP)
-        _body(mlp._mlp_backward)(_empty(TOKENS, D), u, w_up, w_down, pre, post, variant)
+        kept = _empty(TOKENS, H_MLP // 32, dtype=torch.int32) if saved == "sign" else _empty(TOKENS, H_MLP)
+        _body(mlp._mlp_backward)(_empty(TOKENS, D), u, w_up, w_down, kept, _empty(TOKENS, H_MLP), variant, saved)
 
 
 def _attention_inputs():
@@ -157,9 +157,11 @@ def _scenarios():
     """name -> (the scenario, the kernels it launches, each a test case)."""
     s = {}
     for variant in mlp.VARIANTS:
-        s[f"mlp-{variant}-fwd"] = partial(_mlp, variant, "fwd"), [_template_kernel(variant, "up")]
-        s[f"mlp-{variant}-bwd"] = partial(_mlp, variant, "bwd"), sorted(
-            {_template_kernel(variant, "d_pre"), "_gemm_kernel", "_splitk_reduce_kernel"})  # d_pre, dW_up
+        for saved in mlp.SAVED:
+            name = f"mlp-{variant}" + ("-sign" if saved == "sign" else "")
+            s[f"{name}-fwd"] = partial(_mlp, variant, "fwd", saved), [_template_kernel(variant, "up")]
+            s[f"{name}-bwd"] = partial(_mlp, variant, "bwd", saved), sorted(
+                {_template_kernel(variant, "d_pre"), "_gemm_kernel", "_splitk_reduce_kernel"})  # d_pre, dW_up
     for xsa in (True, False):
         s[f"attention-fwd-xsa{xsa:d}"] = partial(_attention, "fwd", xsa), ["_attn_fwd_kernel"]
         s[f"attention-bwd-xsa{xsa:d}"] = partial(_attention, "bwd", xsa), [
