@@ -10,15 +10,18 @@ would run it.
 - Small M (1, 16 rows): "hot" = one weight called repeatedly (in L2, as during decoding with the
   whole int5 model in L2); "cold" = distinct copies of the weight, more than 2x the L2 in total.
 
-`python benchmarks/test_bench_int5.py --table [--out DIR]` (one device command): compiles every
-candidate in parallel processes, times all candidates at all shapes, prints a compact table with the
-best candidate per shape and writes DIR/k3_table.json. `--sm90-check` (no GPU needed) compiles the
+`python benchmarks/test_bench_int5.py --table [--out DIR] [--rounds R]` (one device command): compiles
+every candidate in parallel processes, times all candidates at all shapes in R interleaved rounds
+(default 3; a shape's contenders in a rotated order each round, the median kept: one candidate
+measured 10% apart from itself in two places of one single-round table), prints a compact table with
+the best candidate per shape and writes DIR/k3_table.json. `--sm90-check` (no GPU needed) compiles the
 candidates for sm_90 offline and prints registers, spills and shared memory.
 """
 import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -131,14 +134,54 @@ def small_m_calls(impl, N, K, M, mode, count=256, config=None):
     return [lambda f=fns[i % copies]: f(x) for i in range(count)]
 
 
-def time_calls(calls, quick=False):
-    """ms per call of the calls captured as one graph (do_bench median)."""
+def call_timer(calls, quick=False):
+    """() -> ms per call of the calls, captured once as one graph (each timing a do_bench median)."""
     from triton.testing import do_bench
 
     replay = graph_of(calls)
     replay()
     torch.cuda.synchronize()
-    return do_bench(replay, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median") / len(calls)
+    return lambda: do_bench(replay, warmup=5 if quick else 25, rep=20 if quick else 100,
+                            return_mode="median") / len(calls)
+
+
+def time_calls(calls, quick=False):
+    """ms per call of the calls captured as one graph (do_bench median)."""
+    return call_timer(calls, quick)()
+
+
+def time_rounds(timers, rounds):
+    """{name: () -> ms} timed `rounds` times each, in an order rotated every round, so that clock and
+    thermal drift fall on every contender alike -> {name: median ms, or the error of its set-up}."""
+    times, results = {}, {}
+    for name, make in timers.items():
+        try:
+            times[name] = (make(), [])
+        except Exception as exc:
+            results[name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    names = list(times)
+    for r in range(rounds):
+        for name in names[r % max(1, len(names)):] + names[:r % max(1, len(names))]:
+            times[name][1].append(times[name][0]())
+    results.update({name: statistics.median(ms) for name, (_, ms) in times.items()})
+    return results
+
+
+def test_time_rounds_interleaves_and_takes_medians():
+    """(CPU) every contender once per round, in a rotated order; the median; a failing set-up named."""
+    order = []
+
+    def timer(name, values):
+        values = iter(values)
+        return lambda: order.append(name) or next(values)
+
+    def broken():
+        raise RuntimeError("no such kernel")
+
+    got = time_rounds({"a": lambda: timer("a", [3.0, 1.0, 2.0]), "b": lambda: timer("b", [5.0, 4.0, 9.0]),
+                       "c": broken}, rounds=3)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert got == {"a": 2.0, "b": 5.0, "c": "error: RuntimeError: no such kernel"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +266,7 @@ def precompile(cases, processes=8):
         return [e for errors in pool.map(_compile_worker, chunks) for e in errors]
 
 
-def table(out_dir=None):
+def table(out_dir=None, rounds=3):
     import triton
 
     start = time.perf_counter()
@@ -233,7 +276,8 @@ def table(out_dir=None):
               "large_m": [], "small_m": [], "compile_errors": errors}
     names = [str(c) for c in candidates()]
     print(f"\n{report['gpu']}, torch {report['torch']}, triton {report['triton']}: per call, CUDA graphs; "
-          "ratio = cuBLAS ms / ours (>= 1: ours faster); ours with the model's activation (up: LeakyReLU²)")
+          f"ratio = cuBLAS ms / ours (>= 1: ours faster), medians of {rounds} interleaved rounds; ours with the "
+          "model's activation (up: LeakyReLU²)")
     print(f"{'shape':9s} {'M':>6s} {'cuBLAS ms':>10s} {'TFLOP/s':>7s} {'auto':>5s} {'deq':>5s} "
           + " ".join(f"c{i}" .rjust(5) for i in range(len(names))))
     torch.manual_seed(0)
@@ -242,20 +286,12 @@ def table(out_dir=None):
         weight = make_weight(N, K)
         for M in LARGE_ROWS:
             xs = make_xs(M, K, x_buffers(M, K))
-            row = {"shape": f"{N}x{K}", "M": M, "activation": act or "none", "ms": {}}
-
-            def run(name, impl, config, activation):
-                try:
-                    row["ms"][name] = time_calls(large_m_calls(op(impl, config, weight, N, K, activation), xs, M, N, K))
-                except Exception as exc:
-                    row["ms"][name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-
-            run("cublas", "cublas", None, None)
-            run("auto", "auto", None, act)
-            run("dequant", "dequant", None, act)
-            for config in candidates():
-                if fits(config, K):
-                    run(str(config), config.kernel, config, act)
+            runs = {"cublas": ("cublas", None, None), "auto": ("auto", None, act), "dequant": ("dequant", None, act)}
+            runs.update({str(c): (c.kernel, c, act) for c in candidates() if fits(c, K)})
+            row = {"shape": f"{N}x{K}", "M": M, "activation": act or "none", "ms": time_rounds(
+                {name: lambda impl=impl, config=config, a=a: call_timer(large_m_calls(
+                    op(impl, config, weight, N, K, a), xs, M, N, K)) for name, (impl, config, a) in runs.items()},
+                rounds)}
             base = row["ms"]["cublas"]
             row["ratio"] = {k: base / v for k, v in row["ms"].items() if isinstance(v, float)}
             report["large_m"].append(row)
@@ -278,14 +314,15 @@ def table(out_dir=None):
     for N, K in WEIGHT_SHAPES:
         for M in SMALL_ROWS:
             for mode in ("hot", "cold"):
-                base = time_calls(small_m_calls("cublas", N, K, M, mode))
+                runs = [("cublas", "cublas", None), *small_m_candidates(M)]
+                ms = time_rounds({name: lambda impl=impl, config=config: call_timer(small_m_calls(
+                    impl, N, K, M, mode, config=config)) for name, impl, config in runs}, rounds)
+                base = ms.pop("cublas")
                 row = {"shape": f"{N}x{K}", "M": M, "mode": mode, "cublas_us": base * 1e3, "us": {}, "ratio": {}}
-                for name, impl, config in small_m_candidates(M):
-                    try:
-                        ours = time_calls(small_m_calls(impl, N, K, M, mode, config=config))
-                        row["us"][name], row["ratio"][name] = ours * 1e3, base / ours
-                    except Exception as exc:
-                        row["us"][name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                for name, value in ms.items():
+                    row["us"][name] = value * 1e3 if isinstance(value, float) else value
+                    if isinstance(value, float):
+                        row["ratio"][name] = base / value
                 report["small_m"].append(row)
                 cells = [f"{row['ratio'][n]:8.2f}x" if n in row["ratio"] else "      err" for n in small_names]
                 print(f"{N}x{K:<5d} {M:3d} {mode:4s} {base * 1e3:9.2f} " + " ".join(cells), flush=True)
@@ -345,7 +382,7 @@ if __name__ == "__main__":
         sm90_check()
     elif "--table" in sys.argv:
         out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
-        table(out)
+        table(out, int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3)
     else:
         print(__doc__)
 
