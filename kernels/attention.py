@@ -694,28 +694,29 @@ def _can_measure(q) -> bool:
 
 def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 5) -> dict[str, float]:
     """Median ms of forward+backward of each fused impl on fresh random inputs with the given tensors'
-    shapes, strides and dtypes (never their values)."""
+    shapes, strides and dtypes (never their values). The impls take turns, repeat by repeat, so that
+    the clocks' ramp from idle (this runs at start-up) does not fall on the first one alone."""
     def like(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
 
     inputs = [like(t).requires_grad_() for t in (q, k, v, gate_logits)]
     d_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
-    times = {}
+
+    def run(impl):
+        torch.autograd.grad(attention(*inputs, xsa, impl=impl), inputs, d_out)
+
     for impl in FUSED_IMPLS:
-        def run():
-            out = attention(*inputs, xsa, impl=impl)
-            torch.autograd.grad(out, inputs, d_out)
-        run()  # compile / autotune outside the timing
-        samples = []
-        for _ in range(repeats):
+        run(impl)  # compile / autotune outside the timing
+    samples = {impl: [] for impl in FUSED_IMPLS}
+    for _ in range(repeats):
+        for impl in FUSED_IMPLS:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run()
+            run(impl)
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end))
-        times[impl] = sorted(samples)[len(samples) // 2]
-    return times
+            samples[impl].append(start.elapsed_time(end))
+    return {impl: sorted(ms)[len(ms) // 2] for impl, ms in samples.items()}
 
 
 def choose_impl(q, k, v, gate_logits, xsa: bool) -> str:

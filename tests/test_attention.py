@@ -237,3 +237,20 @@ def test_auto_runs_the_reference_for_a_head_size_the_kernels_cannot_run(device):
     torch.testing.assert_close(ops.gated_xsa_attention(q, k, v, g, True, "auto"), expected)
     with pytest.raises(ValueError, match="head_dim must be a power of two >= 16, got 68"):
         ops.gated_xsa_attention(q, k, v, g, True, "fused")
+
+
+@requires_cuda
+def test_auto_measures_each_signature_once_and_takes_the_faster(monkeypatch):
+    """"auto": both fused impls timed (in turns) on the first call of a signature, the faster one taken
+    and recorded with its timings; a second call with the same shapes and layouts measures nothing."""
+    monkeypatch.setattr(attn, "_CHOICES", {})
+    q, k, v, g = _inputs(1, 256, 4, 2, 64, torch.bfloat16)
+    calls = []
+    real = attn.measure_impls
+    monkeypatch.setattr(attn, "measure_impls", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for _ in range(2):
+        attention(q, k, v, g, True)
+    assert len(calls) == 1
+    [choice] = attn.measured_choices()
+    assert set(choice["ms"]) == set(attn.FUSED_IMPLS) and all(ms > 0 for ms in choice["ms"].values())
+    assert choice["impl"] == min(choice["ms"], key=choice["ms"].get)
