@@ -12,9 +12,9 @@ would run it.
 
 `python benchmarks/test_bench_int5.py --table [--out DIR] [--rounds R]` (one device command): compiles
 every candidate in parallel processes, times all candidates at all shapes in R interleaved rounds
-(default 3; a shape's contenders in a rotated order each round, the median kept: one candidate
-measured 10% apart from itself in two places of one single-round table), prints a compact table with
-the best candidate per shape and writes DIR/k3_table.json. `--sm90-check` (no GPU needed) compiles the
+(default 3; a shape's contenders in a rotated order each round, the median kept, so that clock and
+thermal drift during the table fall on every contender alike), prints a compact table with the best
+candidate per shape and writes DIR/k3_table.json. `--sm90-check` (no GPU needed) compiles the
 candidates for sm_90 offline and prints registers, spills and shared memory.
 """
 import dataclasses
