@@ -260,12 +260,16 @@ def rows_from_eval(data, meta, benchmark=None, shape=None, variant=None):
             if "eval_seconds" in data[mode]:
                 rows.append(base_row(meta, benchmark=benchmark, shape=shape, variant=variant,
                                      statistic=f"eval_s_{mode}", value=data[mode]["eval_seconds"]))
+    if "warmup_seconds" in data:  # compiling every batch shape, before the timed evaluations
+        rows.append(base_row(meta, benchmark=benchmark, shape=shape, variant=variant, statistic="eval_s_warmup",
+                             value=data["warmup_seconds"]))
     weights = data.get("weight_bytes") or {}
-    for key in ("total", "dequantised_bf16"):
-        if key in weights:
-            statistic = "weight_bytes" if key == "total" else "weight_bytes_if_bf16"
-            rows.append(base_row(meta, benchmark=benchmark, shape=shape, variant=variant, statistic=statistic,
-                                 value=weights[key]))
+    if "total" in weights:
+        rows.append(base_row(meta, benchmark=benchmark, shape=shape, variant=variant, statistic="weight_bytes",
+                             value=weights["total"]))
+    if weights.get("int5_values"):  # what the same model would hold with its packed matrices in bf16
+        rows.append(base_row(meta, benchmark=benchmark, shape=shape, variant=variant,
+                             statistic="weight_bytes_if_bf16", value=weights["dequantised_bf16"]))
     return rows
 
 

@@ -188,3 +188,20 @@ def test_host_cost_compare_alternates_processes_and_takes_the_median(monkeypatch
                     ("old", "/trees/old"), ("new", "/trees/new")]
     assert {r["variant"]: r["value"] for r in rows} == {"op [old]": 20.0, "op [new]": 6.0}
     assert "3 alternating processes (10.0 to 30.0)" in rows[0]["note"]
+
+
+def test_eval_rows_name_the_warm_up_and_bf16_bytes_only_of_packed_models():
+    """`recycore eval --json` rows: val_bpb and seconds per mode, the compile warm-up apart, weight bytes;
+    the bf16-equivalent bytes only where matrices are packed (for a dense model they are its own)."""
+    meta = dict(date="2026-12-02", gpu="g", torch="t", triton="tr", commit="c", run="r", source="s")
+    packed = {"int5_direct": True, "scheme": "seed", "model_bytes": 10, "val_tokens": 5, "warmup_seconds": 30.0,
+              "standard": {"val_bpb": 1.5, "eval_seconds": 12.0},
+              "weight_bytes": {"total": 20, "int5_values": 64, "dequantised_bf16": 59}}
+    dense = dict(packed, int5_direct=False, weight_bytes={"total": 116, "int5_values": 0, "dequantised_bf16": 116})
+    rows = {(r["variant"], r["statistic"]): r["value"]
+            for data in (packed, dense) for r in report.rows_from_eval(data, meta)}
+    assert rows == {("int5-direct", "val_bpb_standard"): 1.5, ("int5-direct", "eval_s_standard"): 12.0,
+                    ("int5-direct", "eval_s_warmup"): 30.0, ("int5-direct", "weight_bytes"): 20,
+                    ("int5-direct", "weight_bytes_if_bf16"): 59,
+                    ("dequantised", "val_bpb_standard"): 1.5, ("dequantised", "eval_s_standard"): 12.0,
+                    ("dequantised", "eval_s_warmup"): 30.0, ("dequantised", "weight_bytes"): 116}
