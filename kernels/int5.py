@@ -47,11 +47,11 @@ from recycore.kernels.gemm import (
     INT5_GROUP_WORDS,
     GemmConfig,
     _gemm_kernel,
-    arrival_counters,
     _load_int5_tile,
     _splitk_reduce_kernel,
     _store_epilogue,
     _tile_coords,
+    arrival_counters,
     num_sms,
 )
 

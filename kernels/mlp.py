@@ -108,8 +108,7 @@ def _mlp_forward(u: Tensor, w_up: Tensor, w_down: Tensor, variant: str,
 @_mlp_forward.register_fake
 def _(u, w_up, w_down, variant, saved="pre"):
     M, h = u.shape[0], w_up.shape[0]
-    kept = u.new_empty((M, h // 32), dtype=torch.int32) if saved == "sign" else u.new_empty((M, h))
-    return u.new_empty((M, w_down.shape[0])), kept, u.new_empty((M, h))
+    return u.new_empty((M, w_down.shape[0])), _saved_like(u, h, saved), u.new_empty((M, h))
 
 
 @torch.library.custom_op("recycore::leaky_relu2_mlp_backward", mutates_args=())
