@@ -394,16 +394,14 @@ def _evaluate_modes(mode: str, logits_fn, cfg: Config, ctx) -> dict:
         "sliding": lambda: evaluate_sliding(logits_fn, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
                                             cfg.eval_batch_seqs, **common),
     }
+    runs = {name: evaluate for name, evaluate in runs.items() if mode in ("both", name)}
     results = {"val_tokens": val_tokens.numel() - 1}
     if ctx.on_cuda:  # compile every batch shape first: the timings below are of evaluation only
         start = time.perf_counter()
-        modes = tuple(runs) if mode == "both" else (mode,)
         warm_up(logits_fn, batch_shapes(val_tokens.numel(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs,
-                                        modes, ctx.rank, ctx.world_size), ctx.device)
+                                        tuple(runs), ctx.rank, ctx.world_size), ctx.device)
         results["warmup_seconds"] = time.perf_counter() - start
     for name, evaluate in runs.items():
-        if mode not in ("both", name):
-            continue
         start = time.perf_counter()
         val_loss, val_bpb = evaluate()
         if ctx.on_cuda:
