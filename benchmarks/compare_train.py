@@ -84,9 +84,11 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, steps, _ in runs:
+    for name, steps, final in runs:
         xs = [r["step"] if args.x == "step" else r["train_time_ms"] / 1000 for r in steps]
-        ax.plot(xs, [r["train_loss"] for r in steps], lw=1, label=name)
+        bpb = final.get("prequant_val_bpb", final.get("live_val_bpb"))
+        label = f"{name}: {steps[-1]['step']} steps" + ("" if bpb is None else f", val_bpb {bpb:.4f}")
+        ax.plot(xs, [r["train_loss"] for r in steps], lw=1, label=label)
     ax.set_xlabel("step" if args.x == "step" else "training time (s)")
     ax.set_ylabel("train loss (nats/token)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))

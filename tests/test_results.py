@@ -205,3 +205,24 @@ def test_eval_rows_name_the_warm_up_and_bf16_bytes_only_of_packed_models():
                     ("int5-direct", "weight_bytes_if_bf16"): 59,
                     ("dequantised", "val_bpb_standard"): 1.5, ("dequantised", "eval_s_standard"): 12.0,
                     ("dequantised", "eval_s_warmup"): 30.0, ("dequantised", "weight_bytes"): 116}
+
+
+def test_compare_train_reads_runs_cut_short(tmp_path):
+    """benchmarks/compare_train.py: a run without its "final" record still shows its last validation and
+    averaged-weights val_bpb; figures a run lacks print as "-"; the plot is written."""
+    def write(name, records):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    steps = [{"step": s, "train_loss": 5.0 - s / 10, "ms_per_step": 200.0, "tokens_per_s": 1000.0,
+              "train_time_ms": 200.0 * s} for s in range(1, 21)]
+    full = write("full", steps + [{"event": "final", "live_val_bpb": 1.7, "prequant_val_bpb": 1.6,
+                                   "int5_val_bpb": 1.65, "int5_sliding_val_bpb": 1.64, "peak_allocated_gib": 7.0}])
+    cut = write("cut", steps[:15] + [{"event": "val", "step": 15, "val_bpb": 1.9},
+                                     {"event": "prequant", "step": 15, "val_bpb": 1.8}])
+    out = subprocess.run([sys.executable, str(BENCH / "compare_train.py"), str(full), str(cut), "-o",
+                          str(tmp_path / "curves.png"), "--x", "time"], capture_output=True, text=True, check=True).stdout
+    assert "| full | 20 | 200.0 | 1,000 | 7.0 | 1.7000 | 1.6000 | 1.6500 | 1.6400 |" in out
+    assert "| cut | 15 | 200.0 | 1,000 | - | 1.9000 | 1.8000 | - | - |" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
