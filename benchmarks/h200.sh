@@ -154,16 +154,17 @@ for s in "$@"; do
               --json "$OUT/eval${mode#--}.json" "$mode"
             record "ARTIFACT=$ARTIFACT bash benchmarks/h200.sh int5" "$OUT/eval${mode#--}.json"
           done ;;
-    # 200-step runs at 196,608 tokens/step (8 micro-steps of 12 x 2048) in the background, iteration-based
-    # schedule, LOSSMATCH_RUNS of: graphs1 / graphs0 (default kernels, the step replayed as CUDA graphs or
-    # not: #17's loss match), reference (the reference model, graphed: #20's fused-vs-reference check).
+    # 200-step runs at LOSSMATCH_TOKENS (196,608: 8 micro-steps of 12 x 2048; the seed's 786,432 for #20's
+    # check at the seed config) tokens/step in the background, iteration-based schedule, LOSSMATCH_RUNS of:
+    # graphs1 / graphs0 (default kernels, the step replayed as CUDA graphs or not: #17's loss match),
+    # reference (the reference model, graphed: #20's fused-vs-reference check).
     # No timing: they share the GPU with what runs meanwhile. `wait-bg` waits for them.
     bg-lossmatch)
            for run in ${LOSSMATCH_RUNS:-graphs1 graphs0}; do
              case $run in graphs1|graphs0) args=(--cuda-graphs "${run#graphs}") ;; reference) args=(--kernels reference) ;;
                *) echo "unknown loss-match run $run"; exit 2 ;; esac
              (timeout "${LOSSMATCH_LIMIT:-420}" python3 -m recycore train "${DEMO[@]}" --run-id "lossmatch_$run" "${args[@]}" \
-                --train-batch-tokens 196608 --iterations "${LOSSMATCH_STEPS:-200}" \
+                --train-batch-tokens "${LOSSMATCH_TOKENS:-196608}" --iterations "${LOSSMATCH_STEPS:-200}" \
                 --max-wallclock-seconds 0 --warmdown-iters 60 --warmup-steps 20 --val-loss-every 0 --train-log-every 1 \
                 --log-dir "$OUT" --checkpoint-dir /tmp/recycore_ckpt > "$OUT/lossmatch_$run.log" 2>&1; \
               echo "lossmatch_$run rc=$?" >> "$OUT/bg.txt") &
