@@ -107,19 +107,28 @@ def num_sms(device_index):
 
 
 ARRIVAL_COUNTERS = 4096  # the most output tiles of one REDUCE_IN_KERNEL launch
-
-
-@lru_cache(maxsize=None)
-def _arrival_counters(device, stream_id):
-    return torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
+ARRIVAL_STREAMS = 8  # streams per device with counters of their own
+_ARRIVALS: dict = {}  # device -> zeroed (ARRIVAL_STREAMS, ARRIVAL_COUNTERS) int32, made outside any capture
+_ARRIVAL_SLOTS: dict = {}  # (device, stream id) -> its row
 
 
 def arrival_counters(device):
-    """The per-tile arrival counters of REDUCE_IN_KERNEL launches on `device`'s current stream: zero
-    between launches (each launch's last splits reset theirs), one set per stream so that launches
-    on concurrent streams never share one."""
-    stream_id = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    return _arrival_counters(device, stream_id)
+    """The per-tile arrival counters of REDUCE_IN_KERNEL launches on `device`'s current stream (zero
+    between launches: each launch's last splits reset theirs; a row per stream, so that launches on
+    concurrent streams never share one), or None where there are none to have: inside a CUDA-graph
+    capture before any launch outside one on this device (counters made in a capture would be zeroed
+    only when that graph replays), or past ARRIVAL_STREAMS streams."""
+    on_cuda = device.type == "cuda"
+    if device not in _ARRIVALS:
+        if on_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        _ARRIVALS[device] = torch.zeros(ARRIVAL_STREAMS, ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
+    stream_id = torch.cuda.current_stream(device).stream_id if on_cuda else 0
+    key = (device, stream_id)
+    if key not in _ARRIVAL_SLOTS:
+        _ARRIVAL_SLOTS[key] = sum(known[0] == device for known in _ARRIVAL_SLOTS)
+    slot = _ARRIVAL_SLOTS[key]
+    return _ARRIVALS[device][slot] if slot < ARRIVAL_STREAMS else None
 
 
 def default_split_k(M, N, K, config, device):

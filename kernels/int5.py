@@ -417,13 +417,13 @@ def _launch_splitk(x, packed, scales, y, N, K, leaky, config):
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), INT5_GROUP) * INT5_GROUP
     split_k = triton.cdiv(K, k_per_split)  # no empty splits
     tiles = triton.cdiv(M, gemm_config.block_m) * triton.cdiv(N, gemm_config.block_n)
-    in_kernel = in_kernel and split_k > 1 and tiles <= ARRIVAL_COUNTERS
+    arrivals = arrival_counters(x.device) if in_kernel and split_k > 1 and tiles <= ARRIVAL_COUNTERS else None
+    in_kernel = arrivals is not None  # else the reduction launch sums the same partials in the same order
     upcast = on_interpreter(x)
     epilogue = EPILOGUE_LEAKY_RELU2 if leaky else EPILOGUE_NONE
     workspace = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32) if split_k > 1 else y
-    arrivals = arrival_counters(x.device) if in_kernel else y  # not read unless in_kernel
     _gemm_kernel[(tiles, split_k)](
-        x, packed, y, y, y, scales, workspace, arrivals, M, N, K, k_per_split,
+        x, packed, y, y, y, scales, workspace, y if arrivals is None else arrivals, M, N, K, k_per_split,
         x.stride(0), x.stride(1), packed.stride(0), 1,
         B_INT5=True, EPILOGUE=epilogue, ROW_SCALE=True, STORE_PRE=False, STORE_POST=True,
         WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=in_kernel, EVEN_K=K % INT5_GROUP == 0, UPCAST=upcast,

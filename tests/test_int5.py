@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import DEVICE, rel_err, requires_cuda
 
 from recycore.kernels import Int5Linear, int5_linear, int5_linear_reference
+from recycore.kernels import gemm as gemm_module
 from recycore.kernels import int5 as int5_module
 from recycore.kernels.gemm import EPILOGUE_LEAKY_RELU2, INT5_GROUP, arrival_counters, default_config, gemm
 from recycore.kernels.int5 import (
@@ -269,6 +270,25 @@ def test_reduce_in_kernel_is_checked_and_named():
             int5_linear(x, packed, scales, N, K, config=config)
     config = Int5Config("splitk", 16, 16, split_k=3, reduce_in_kernel=1)
     assert str(config).endswith("k3r") and Int5Config.from_list(config.as_list()) == config
+
+
+@requires_cuda
+def test_reduce_in_kernel_first_met_inside_a_capture_takes_two_launches(monkeypatch):
+    """No counters exist yet when a capture first asks for them (counters made inside a capture would be
+    zero only once that graph replays): that launch sums with the reduction launch, the same numbers."""
+    monkeypatch.setattr(gemm_module, "_ARRIVALS", {})
+    monkeypatch.setattr(gemm_module, "_ARRIVAL_SLOTS", {})
+    q, scales, packed = _weight(512, 1536)
+    x = torch.randn(16, 1536, device=DEVICE, dtype=torch.bfloat16)
+    config = Int5Config("splitk", 16, 16, 4, 3, group_m=1, split_k=0, reduce_in_kernel=1)
+    expected = int5_linear(x, packed, scales, 512, 1536, config=dataclasses.replace(config, reduce_in_kernel=0))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int5_linear(x, packed, scales, 512, 1536, config=config)
+    assert gemm_module._ARRIVALS == {}
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected)
 
 
 @requires_cuda
