@@ -380,6 +380,15 @@ def pair(rows, benchmark, shape, statistic, ours, baseline):
     return None, None
 
 
+def pair_statistics(rows, benchmark, shape, statistic, base_statistic, variant):
+    """Two figures of one variant in the latest run that has both (None, None if no run has them)."""
+    for run in reversed(first_seen(r["run"] for r in rows)):
+        ours, base = (find(rows, run, benchmark, shape, s, variant) for s in (statistic, base_statistic))
+        if ours is not None and base is not None:
+            return ours, base
+    return None, None
+
+
 def ratio(ours, base, statistic):
     """How many times better ours is than the baseline (time: base/ours; throughput: ours/base)."""
     if not ours or not base:
@@ -451,6 +460,9 @@ HEADLINES = [
          compare="difference", target=1e-3, latest_only=True),
     dict(what="int5-direct eval, weights held on the GPU vs dequantised", benchmark="eval", shape=".*",
          statistic="weight_bytes", ours="int5-direct", baseline="dequantised", latest_only=True),
+    dict(what="int5-direct eval, weights held on the GPU vs the same model's matrices in bf16", benchmark="eval",
+         shape=".*", statistic="weight_bytes", ours="int5-direct", baseline_statistic="weight_bytes_if_bf16",
+         target=2.9, latest_only=True),
     dict(what="int5-direct eval batch vs dequantised, both compiled", benchmark="eval batch",
          shape="32x2048, seed model", statistic="median_ms", ours="int5_direct", baseline="dequantised", target=1.0),
     dict(what="training, seed config, 1 GPU, 200 steps: fastest 10-step stretch", benchmark="training",
@@ -484,6 +496,10 @@ def headline_lines(rows, spec, shown):
     found = [(shape, *pair(rows, spec["benchmark"], shape, statistic, spec["ours"], spec.get("baseline")))
              for shape in matching_shapes(rows, spec["benchmark"], spec["shape"])]
     found = [(shape, ours, base) for shape, ours, base in found if ours is not None]
+    if "baseline_statistic" in spec:  # the baseline: another figure of the same run and variant
+        found = [(shape, *pair_statistics(rows, spec["benchmark"], shape, statistic, spec["baseline_statistic"],
+                                          spec["ours"])) for shape, _, _ in found]
+        found = [item for item in found if item[1] is not None]
     if spec.get("latest_only"):  # the newest comparison only, whatever its shape
         found.sort(key=lambda item: max(rows.index(item[1]), rows.index(item[2]) if item[2] else 0))
         found = found[-1:]
@@ -504,7 +520,7 @@ def headline_lines(rows, spec, shown):
         cell = fmt(ours["value"], statistic) + (f" ({'; '.join(extras)})" if extras else "")
         base_cell = result = target = ""
         if base is not None:
-            base_cell = f"{fmt(base['value'], statistic)} ({key_variant(base)})"
+            base_cell = f"{fmt(base['value'], statistic)} ({spec.get('baseline_statistic', key_variant(base))})"
             if spec.get("compare") == "difference":
                 value = ours["value"] - base["value"]
                 result = f"{value:+.2g}" if value else "0 (identical)"

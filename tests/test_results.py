@@ -226,3 +226,14 @@ def test_compare_train_reads_runs_cut_short(tmp_path):
     assert "| full | 20 | 200.0 | 1,000 | 7.0 | 1.7000 | 1.6000 | 1.6500 | 1.6400 |" in out
     assert "| cut | 15 | 200.0 | 1,000 | - | 1.9000 | 1.8000 | - | - |" in out
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_headline_against_another_figure_of_the_same_run_and_variant():
+    """baseline_statistic: the ratio of two figures of one row set (int5-direct bytes vs their bf16 size)."""
+    rows = [row(benchmark="eval", shape="s", variant="int5-direct", statistic="weight_bytes", value=20.0),
+            row(benchmark="eval", shape="s", variant="int5-direct", statistic="weight_bytes_if_bf16", value=59.0),
+            row(benchmark="eval", shape="s", variant="int5-direct", statistic="weight_bytes", value=30.0, run="r0")]
+    spec = dict(what="w", benchmark="eval", shape=".*", statistic="weight_bytes", ours="int5-direct",
+                baseline_statistic="weight_bytes_if_bf16", target=2.9)
+    [line] = report.headline_lines(rows, spec, [])
+    assert "| 2.95x | >= 2.90x: met |" in line and "(weight_bytes_if_bf16)" in line
