@@ -9,9 +9,9 @@
 # each list on its own GPU at once (CUDA_VISIBLE_DEVICES=N, output under $OUT/gpuN), with env
 # assignments allowed in a list (`1=KERNELS=reference,train`).
 #
-# The lent H200 cannot `pip install -e .` (setuptools re-runs pip with build isolation, which needs the
-# network), so recycore runs from a symlink tree on PYTHONPATH: recycore/* plus kernels/ as
-# recycore/kernels, with the working directory outside the repo so ./recycore does not shadow it.
+# The lent H200 has no network, so a plain `pip install -e .` (build isolation fetches setuptools) fails:
+# recycore runs from a symlink tree on PYTHONPATH (recycore/* plus kernels/ as recycore/kernels, the
+# working directory outside the repo so ./recycore does not shadow it), plus an offline editable install.
 set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,6 +59,11 @@ P=/tmp/recycore_path_$$; path_tree "$P" "$R"
 export PYTHONPATH=$P
 mkdir -p /tmp/recycore_work_$$ && cd /tmp/recycore_work_$$ || exit 1
 LOG=$OUT/all.log
+# Also an editable install without build isolation (offline), for what PYTHONPATH does not reach: a test's
+# subprocess with a bare environment, or one run from the repo root (its ./recycore lacks recycore.kernels).
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e "$R" > /tmp/recycore_pip_$$.log 2>&1 \
+  && echo "editable install: ok" | tee -a "$LOG" \
+  || { echo "editable install failed (PYTHONPATH only):"; tail -3 /tmp/recycore_pip_$$.log; } | tee -a "$LOG"
 declare -a SUMMARY
 stage() {  # stage NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
@@ -97,7 +102,7 @@ for s in "$@"; do
     tests) files=(); names=${TEST_FILES:-gemm mlp int5 int5_model model_kernels attention qk_prep head graphs}
            [ "$names" = all ] && names=$(cd "$R/tests" && ls test_*.py | sed 's/^test_//; s/\.py$//')
            for t in $names; do files+=("$R/tests/test_$t.py"); done
-           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -v -rfE -n "${TEST_WORKERS:-4}" --dist loadfile ${PYTEST_X--x} \
+           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -v -rfE --tb=short -n "${TEST_WORKERS:-4}" --dist loadfile ${PYTEST_X--x} \
              --durations=12 -p no:cacheprovider "${files[@]}"
            while read -r line; do SUMMARY+=("  $line"); done < <(grep -oE "(FAILED|ERROR) [^ ]+::[^ ]+" "$LOG" | sort -u) ;;
     # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
