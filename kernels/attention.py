@@ -725,7 +725,8 @@ def choose_impl(q, k, v, gate_logits, xsa: bool) -> str:
     if key not in _CHOICES:
         if not _can_measure(q):
             return UNMEASURED_IMPL
-        with torch.no_grad(), torch.enable_grad():
+        # the first call may come from an evaluation (no_grad or inference_mode): the timing runs backward
+        with torch.inference_mode(False), torch.enable_grad():
             ms = measure_impls(q, k, v, gate_logits, xsa)
         _CHOICES[key] = {"impl": min(ms, key=ms.get), "ms": ms}
     return _CHOICES[key]["impl"]

@@ -254,3 +254,17 @@ def test_auto_measures_each_signature_once_and_takes_the_faster(monkeypatch):
     [choice] = attn.measured_choices()
     assert set(choice["ms"]) == set(attn.FUSED_IMPLS) and all(ms > 0 for ms in choice["ms"].values())
     assert choice["impl"] == min(choice["ms"], key=choice["ms"].get)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_auto_measures_a_first_call_made_without_autograd(monkeypatch, mode):
+    """An evaluation can be the first call of a signature: the timing (forward+backward) still runs, and
+    the output is the chosen impl's."""
+    monkeypatch.setattr(attn, "_CHOICES", {})
+    q, k, v, g = _inputs(2, 192, 4, 2, 64, torch.bfloat16)
+    with mode():
+        out = attention(q, k, v, g, True)
+    [choice] = attn.measured_choices()
+    assert choice["impl"] in attn.FUSED_IMPLS
+    torch.testing.assert_close(out, attention(q, k, v, g, True, impl=choice["impl"]), rtol=0, atol=0)
