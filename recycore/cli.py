@@ -138,6 +138,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the log, metrics (JSON lines) and loss plot go to DIR/<run_id>.* (default logs)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow replacing the outputs of a finished run with the same RUN_ID (default: refuse)")
+    parser.add_argument("--device", default=None,
+                        help="where to train, e.g. cpu (default: cuda:LOCAL_RANK when CUDA is there, else cpu)")
     add_config_flags(parser)
 
 
@@ -152,7 +154,7 @@ def run_train(args: argparse.Namespace) -> dict:
         defaults.update(Config().with_stored(resume["config"]).to_dict())  # the run's own config
     cfg = config_from(args, **defaults)
     results = train(cfg, checkpoint_dir=args.checkpoint_dir, resume=resume, log_dir=args.log_dir,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, device=args.device)
     if results.get("interrupted"):
         sys.exit(143 if results.get("signal") == "SIGTERM" else 130)
     return results

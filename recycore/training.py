@@ -155,11 +155,13 @@ class Run:
 # ---------------------------------------------------------------------------
 # Phases
 # ---------------------------------------------------------------------------
-def train(cfg: Config, *, checkpoint_dir=None, resume=None, log_dir="logs", overwrite: bool = False) -> dict:
-    """Train cfg's model; `resume` is a checkpoint path (or one already loaded).
+def train(cfg: Config, *, checkpoint_dir=None, resume=None, log_dir="logs", overwrite: bool = False,
+          device=None) -> dict:
+    """Train cfg's model on `device` (default: cuda:LOCAL_RANK when CUDA is there, else the CPU); `resume` is
+    a checkpoint path (or one already loaded).
     -> final metrics (val_bpb figures, steps, ms/step, paths); {"interrupted": True, ...} after a
     SIGINT/SIGTERM, which writes a checkpoint first."""
-    ctx = process_context()
+    ctx = process_context(device)
     inputs = check_inputs(cfg, ctx.world_size, resume)
     ctx.start()
     try:

@@ -186,11 +186,12 @@ def _rank_worker(rank, port, cfg_dict, out_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    train(Config(**cfg_dict), checkpoint_dir=out_dir, log_dir=out_dir)
+    train(Config(**cfg_dict), checkpoint_dir=out_dir, log_dir=out_dir, device="cpu")
 
 
 def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
-    """2 ranks x 1 micro-batch == 1 process x 2 micro-batches (the same tokens)."""
+    """2 ranks x 1 micro-batch == 1 process x 2 micro-batches (the same tokens), on the CPU wherever this
+    runs (on a CUDA machine the ranks would want a GPU each)."""
     cfg = tiny_cfg(tiny_data, iterations=3, train_log_every=1, val_max_tokens=256)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,7 +199,8 @@ def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
     dist_cfg = cfg.replace(run_id="ranks", grad_accum_steps=1)
     args = (port, {k: v for k, v in dist_cfg.__dict__.items()}, str(tmp_path))
     mp.spawn(_rank_worker, args=args, nprocs=2)
-    single = train(cfg.replace(run_id="single", grad_accum_steps=2), checkpoint_dir=tmp_path, log_dir=tmp_path)
+    single = train(cfg.replace(run_id="single", grad_accum_steps=2), checkpoint_dir=tmp_path, log_dir=tmp_path,
+                   device="cpu")
     got = load_checkpoint(tmp_path / "ranks" / "final.pt")
     ref = load_checkpoint(single["checkpoint"])
     a, b = train_losses(tmp_path / "ranks.jsonl"), train_losses(tmp_path / "single.jsonl")
