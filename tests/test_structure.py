@@ -118,6 +118,16 @@ def test_public_api_at_the_package_root():
     assert result.stdout.split() == ["GPT", "train"]
 
 
+def test_a_source_checkout_finds_its_kernels_without_an_install():
+    """In the repo root ./recycore comes first on sys.path (`python -m recycore` there, over a plain install
+    or none): recycore.kernels is still the checkout's kernels/, with no editable install's finder."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')]; "
+            "import pathlib, recycore.kernels; print(pathlib.Path(recycore.kernels.__file__).parent)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(ROOT / "kernels")
+
+
 def _readme_block(heading: str) -> str:
     text = (ROOT / "README.md").read_text()
     section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
