@@ -9,9 +9,9 @@
 # each list on its own GPU at once (CUDA_VISIBLE_DEVICES=N, output under $OUT/gpuN), with env
 # assignments allowed in a list (`1=KERNELS=reference,train`).
 #
-# The lent H200 has no network, so a plain `pip install -e .` (build isolation fetches setuptools) fails:
-# recycore runs from a symlink tree on PYTHONPATH (recycore/* plus kernels/ as recycore/kernels, the
-# working directory outside the repo so ./recycore does not shadow it), plus an offline editable install.
+# The lent H200 cannot `pip install -e .` (no network for build isolation; without it, it failed there too),
+# so recycore runs from a symlink tree on PYTHONPATH: recycore/* plus kernels/ as recycore/kernels, with
+# the working directory outside the repo so ./recycore does not shadow it.
 set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,11 +59,10 @@ P=/tmp/recycore_path_$$; path_tree "$P" "$R"
 export PYTHONPATH=$P
 mkdir -p /tmp/recycore_work_$$ && cd /tmp/recycore_work_$$ || exit 1
 LOG=$OUT/all.log
-# Also an editable install without build isolation (offline), for what PYTHONPATH does not reach: a test's
-# subprocess with a bare environment, or one run from the repo root (its ./recycore lacks recycore.kernels).
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e "$R" > /tmp/recycore_pip_$$.log 2>&1 \
-  && echo "editable install: ok" | tee -a "$LOG" \
-  || { echo "editable install failed (PYTHONPATH only):"; tail -3 /tmp/recycore_pip_$$.log; } | tee -a "$LOG"
+# The tree also goes into site-packages (a .pth), for a test's subprocess with a bare environment.
+SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+{ echo "$P" > "$SITE/recycore_device.pth" && echo "site-packages: $SITE/recycore_device.pth -> $P" \
+  || echo "site-packages not writable: subprocesses with a bare environment will not find recycore"; } 2>&1 | tee -a "$LOG"
 declare -a SUMMARY
 stage() {  # stage NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
