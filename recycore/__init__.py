@@ -10,15 +10,6 @@ parameter-golf "12L RecycledCore Int5" model.
 The names load lazily, so `import recycore` stays cheap (no torch.compile, no Triton).
 """
 import importlib
-from pathlib import Path
-
-# Imported from a source checkout (the checkout's ./recycore ahead of any install on sys.path, as with
-# `python -m recycore` run in the repo root), the kernels are the sibling folder kernels/, which an install
-# places at recycore/kernels.
-_CHECKOUT = Path(__file__).resolve().parent.parent
-if ((_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file()
-        and not (Path(__file__).parent / "kernels").exists()):
-    __path__.append(str(_CHECKOUT))
 
 _EXPORTS = {
     "Config": "recycore.config",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FUNCTION_LINES = 80
@@ -110,22 +111,14 @@ def test_benchmarks_do_not_patch_kernel_modules():
     assert not hits, hits
 
 
-def test_public_api_at_the_package_root():
+def test_public_api_at_the_package_root(tmp_path):
+    # run outside the checkout, as a user's script: in its root ./recycore (without kernels/) would come
+    # first on sys.path, which only an editable install's finder bridges
     result = subprocess.run([sys.executable, "-c", "from recycore import Config, GPT, train, load_artifact, "
                              "load_int5_model; import recycore.kernels; print(GPT.__name__, train.__name__)"],
-                            capture_output=True, text=True, cwd=ROOT)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["GPT", "train"]
-
-
-def test_a_source_checkout_finds_its_kernels_without_an_install():
-    """In the repo root ./recycore comes first on sys.path (`python -m recycore` there, over a plain install
-    or none): recycore.kernels is still the checkout's kernels/, with no editable install's finder."""
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')]; "
-            "import pathlib, recycore.kernels; print(pathlib.Path(recycore.kernels.__file__).parent)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == str(ROOT / "kernels")
 
 
 def _readme_block(heading: str) -> str:
@@ -138,10 +131,12 @@ def _readme_block(heading: str) -> str:
 
 def test_readme_kernel_example_runs(tmp_path):
     """The README's "Use the kernels in your own model" example, as a user would run it (on the CPU
-    the kernels run under the Triton interpreter)."""
+    the kernels run under the Triton interpreter, on a GPU compiled)."""
     script = tmp_path / "example.py"
     script.write_text(_readme_block("Use the kernels in your own model"))
-    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
