@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from test_train import TINY, tiny_data  # noqa: F401 (a fixture: the tokenizer and shards trained there)
 
@@ -63,16 +64,19 @@ def test_export_then_eval_reproduces_the_runs_int5_figures(trained_run, tmp_path
     assert len(record["tokenizer_sha256"]) == 64 and record["tokenizer_vocab_size"] == 320
 
     monkeypatch.chdir(tmp_path)  # elsewhere: the recorded paths are absolute
+    # the same figures; on a GPU eval runs the packed matrices through K3 (training evaluates the dequantised
+    # model with cuBLAS), the same sums in another order: within K3's 1e-4 of val_bpb
+    same = (lambda x: pytest.approx(x, abs=1e-4)) if torch.cuda.is_available() else (lambda x: x)
     for path in (artifact, root / "checkpoints" / "tiny" / "final_model.int5.ptz"):
         out, _ = run_cli(["eval", path, "--json", tmp_path / "eval.json"], capsys)
         got = json.loads((tmp_path / "eval.json").read_text())
-        assert got["standard"]["val_bpb"] == results["int5_val_bpb"], path
-        assert got["sliding"]["val_bpb"] == results["int5_sliding_val_bpb"], path
+        assert got["standard"]["val_bpb"] == same(results["int5_val_bpb"]), path
+        assert got["sliding"]["val_bpb"] == same(results["int5_sliding_val_bpb"]), path
         assert got["eval_stride"] == TINY["eval_stride"] and got["val_tokens"] == 512
         assert "as the artifact records" in out and "(sha256 as recorded)" in out
         lines = out.strip().splitlines()
         headline = next(line for line in lines if line.startswith("val_bpb "))
-        assert f"{results['int5_sliding_val_bpb']:.6f}" in headline and "of 16,000,000 bytes" in headline
+        assert f"{got['sliding']['val_bpb']:.6f}" in headline and "of 16,000,000 bytes" in headline
         assert "{" not in out  # the JSON goes to the file, not the terminal
 
     # flags still override what the artifact records

@@ -122,6 +122,27 @@ def test_a_replay_that_differs_is_caught():
 
 
 @requires_cuda
+def test_a_non_finite_loss_shows_through_the_replayed_step():
+    """The loss a replay returns is that replay's: a NaN that reaches a weight between steps is in the next
+    loss, for training to stop on (tests/test_reliability.py, on the CPU, checks the stop itself)."""
+    cfg = Config(**{**TINY, "kernels": "fused", "train_batch_tokens": 2 * 2 * 32})
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    opt = OptimizerSet(model, cfg, capturable=True)
+    step = TrainStep(model, model, opt, WeightAverages(model, 0.9), torch.device("cuda"), graphs=True)
+    micro = [(torch.randint(0, cfg.vocab_size, (2, 32), device="cuda"),) * 2 for _ in range(2)]
+    for _ in range(3):
+        loss, grad_sq = step.forward_backward(micro)
+        step.update()
+        assert torch.isfinite(loss) and torch.isfinite(grad_sq)
+    assert step.captured == 2
+    with torch.no_grad():
+        model.tok_emb.weight.fill_(float("nan"))
+    loss, grad_sq = step.forward_backward(micro)
+    assert step.captured == 2 and not torch.isfinite(loss)
+
+
+@requires_cuda
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
 def test_graphed_steps_match_eager_steps(kernels):
     """Five training steps with a changing schedule and late QAT switching on: the graphed step
