@@ -57,15 +57,17 @@ def candidates():
 
 
 def small_m_candidates(M):
-    """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL), the gemv kernel's variants and the
-    template with the split rows summed in the kernel (one launch; the plan's splits, or 4)."""
+    """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL), the gemv kernel's variants, the
+    template as planned (its splits summed in the kernel) and with the same splits summed by a second
+    launch, or with 8 splits."""
     from recycore.kernels.int5 import SMALL_M_BLOCK_N, Int5Config
 
     bm = 1 << (M - 1).bit_length()
-    in_kernel = Int5Config("splitk", max(16, bm), SMALL_M_BLOCK_N, 4, 3, group_m=1, reduce_in_kernel=1)
+    planned = Int5Config("splitk", max(16, bm), SMALL_M_BLOCK_N, 4, 3, group_m=1, reduce_in_kernel=1)
     return [("auto", "auto", None), ("gemv", "gemv", None), ("gemv:b2", "gemv", Int5Config("gemv", bm, 2, 4, 3)),
             ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None),
-            ("splitk:r", "splitk", in_kernel), ("splitk:k4r", "splitk", dataclasses.replace(in_kernel, split_k=4))]
+            ("splitk:2l", "splitk", dataclasses.replace(planned, reduce_in_kernel=0)),
+            ("splitk:k8r", "splitk", dataclasses.replace(planned, split_k=8))]
 
 
 def fits(config, K):

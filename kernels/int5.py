@@ -109,16 +109,16 @@ AUTO_LARGE_M = {  # the H200 table's winners at M = 65,536 (benchmarks/README.md
     (512, 1536): STREAM,
 }
 # Small M: skinny template tiles (SMALL_M_BLOCK_N weight rows x 16..64 input rows). Small M is
-# latency-bound: a second launch (the split-K reduction) costs more than it saves on rows of
-# <= SMALL_M_UNSPLIT_GROUPS groups; longer rows split K until ~SMALL_M_PROGRAMS_PER_SM programs per SM.
+# latency-bound: rows of <= SMALL_M_UNSPLIT_GROUPS groups are not split; longer rows split K until about
+# SPLITK_PROGRAMS_PER_SM programs per SM, the splits summed by each tile's last split to arrive (one
+# launch; the H200 table: faster than a second, reducing launch, and than more splits).
 SMALL_M_BLOCK_N = 16
 SMALL_M_UNSPLIT_GROUPS = 4
-SMALL_M_PROGRAMS_PER_SM = 2
+SPLITK_PROGRAMS_PER_SM = 1
+SMALL_M_REDUCE_IN_KERNEL = True
 SMALL_M_KERNEL = "splitk"  # or "gemv" (M <= GEMV_MAX_M only)
-# Split rows summed by each tile's last split instead of a second launch: a candidate (Int5Config
-# reduce_in_kernel) until the H200 measures it against the two launches.
-SMALL_M_REDUCE_IN_KERNEL = False
 GEMV_MAX_M = 16
+GEMV_PROGRAMS_PER_SM = 2
 
 # Under the CPU interpreter (~5 ms per program-tile step): small tiles, and a few "SMs" so that the
 # resident kernel's programs each get several M tiles.
@@ -399,7 +399,7 @@ def _small_m_plan(M, N, K, device):
     if groups <= SMALL_M_UNSPLIT_GROUPS:
         return config, 1
     tiles = triton.cdiv(N, SMALL_M_BLOCK_N)
-    split_k = max(1, min(groups, SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
+    split_k = max(1, min(groups, SPLITK_PROGRAMS_PER_SM * num_sms(device.index or 0) // tiles))
     return config, triton.cdiv(groups, triton.cdiv(groups, split_k))  # no empty splits: the count launched
 
 
@@ -460,10 +460,10 @@ def _int5_gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride
 
 
 def _gemv_config(M, N, device):
-    """block_n: about SMALL_M_PROGRAMS_PER_SM programs per SM at the model's widths."""
+    """block_n: about GEMV_PROGRAMS_PER_SM programs per SM at the model's widths."""
     if device.type != "cuda":
         return CPU_CONFIGS["gemv"]
-    rows = max(1, N // (SMALL_M_PROGRAMS_PER_SM * num_sms(device.index or 0)))
+    rows = max(1, N // (GEMV_PROGRAMS_PER_SM * num_sms(device.index or 0)))
     block_n = min(16, triton.next_power_of_2(rows))
     return Int5Config("gemv", max(1, triton.next_power_of_2(M)), block_n, num_warps=4, num_stages=3)
 
