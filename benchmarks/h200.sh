@@ -93,15 +93,15 @@ for s in "$@"; do
   case $s in
     # the GPU tests: the kernels (K1 at the seed shapes, K2, K3, K4), the model with them against the
     # reference model at the seed's width, the graphed step (TEST_FILES: which test_*.py files, default
-    # these; `all` for every file). The image has pytest-xdist: TEST_WORKERS (4) processes share the GPU,
-    # so the Triton compiles that dominate the run spread over the host's cores (8 workers failed tests
-    # that pass alone: GPU memory at the seed's shapes, presumably), a file per worker (its module
-    # fixtures and kernels built once). Verbose, so that a run cut by its limit still names every test
-    # that failed; the summary lists them.
+    # these; `all` for every file; TEST_K: a pytest -k expression). The image has pytest-xdist: TEST_WORKERS
+    # (4) processes share the GPU, so the Triton compiles that dominate the run spread over the host's
+    # cores, by default a file per worker (TEST_DIST=loadfile: its module fixtures and kernels built once;
+    # `load` spreads single tests). Verbose, so that a run cut by its limit still names every test that
+    # failed; the summary lists them.
     tests) files=(); names=${TEST_FILES:-gemm mlp int5 int5_model model_kernels attention qk_prep head graphs}
            [ "$names" = all ] && names=$(cd "$R/tests" && ls test_*.py | sed 's/^test_//; s/\.py$//')
            for t in $names; do files+=("$R/tests/test_$t.py"); done
-           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -v -rfE --tb=short -n "${TEST_WORKERS:-4}" --dist loadfile ${PYTEST_X--x} \
+           stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -v -rfE --tb=short -n "${TEST_WORKERS:-4}" --dist "${TEST_DIST:-loadfile}" ${PYTEST_X--x} ${TEST_K:+-k "$TEST_K"} \
              --durations=12 -p no:cacheprovider "${files[@]}"
            while read -r line; do SUMMARY+=("  $line"); done < <(grep -oE "(FAILED|ERROR) [^ ]+::[^ ]+" "$LOG" | sort -u) ;;
     # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
