@@ -65,8 +65,9 @@ def test_export_then_eval_reproduces_the_runs_int5_figures(trained_run, tmp_path
 
     monkeypatch.chdir(tmp_path)  # elsewhere: the recorded paths are absolute
     # the same figures; on a GPU eval runs the packed matrices through K3 (training evaluates the dequantised
-    # model with cuBLAS), the same sums in another order: within K3's 1e-4 of val_bpb
-    same = (lambda x: pytest.approx(x, abs=1e-4)) if torch.cuda.is_available() else (lambda x: x)
+    # model with cuBLAS), the same sums in another order, bf16 activations rounded apart: within the bound
+    # test_artifact.py holds --int5-direct to against the dequantised eval of a model this small
+    same = (lambda x: pytest.approx(x, abs=1e-3)) if torch.cuda.is_available() else (lambda x: x)
     for path in (artifact, root / "checkpoints" / "tiny" / "final_model.int5.ptz"):
         out, _ = run_cli(["eval", path, "--json", tmp_path / "eval.json"], capsys)
         got = json.loads((tmp_path / "eval.json").read_text())
