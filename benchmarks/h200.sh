@@ -197,7 +197,8 @@ for s in "$@"; do
            record "KERNELS=${KERNELS:-auto} STEPS=${STEPS:-40} bash benchmarks/h200.sh fullbatch" "$OUT/full_${KERNELS:-auto}.jsonl" \
              --as-benchmark "training (786,432 tokens/step)" --variant "${KERNELS:-auto}" --shape "seed config, demo data, 1 GPU, 8 x 48 x 2048" ;;
     # K3: every fused int5 candidate at every weight shape and M against cuBLAS on the dequantised weight
-    k3table) stage k3table "${K3_LIMIT:-400}" python3 "$R/benchmarks/test_bench_int5.py" --table --out "$OUT" ;;
+    k3table) stage k3table "${K3_LIMIT:-400}" python3 "$R/benchmarks/test_bench_int5.py" --table --out "$OUT"
+             record "bash benchmarks/h200.sh k3table (python3 benchmarks/test_bench_int5.py --table)" "$OUT/k3_rows.jsonl" ;;
     # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)
     qkbench) stage qkbench "${QK_LIMIT:-120}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;

@@ -337,6 +337,26 @@ def table(out_dir=None, rounds=3):
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "k3_table.json"), "w") as f:
             json.dump(report, f, indent=1)
+        with open(os.path.join(out_dir, "k3_rows.jsonl"), "w") as f:  # for report.py --import-pytest-benchmark
+            f.writelines(json.dumps(row) + "\n" for row in table_rows(report))
+
+
+def table_rows(report) -> list[dict]:
+    """The table's timings as rows of the results history (without the run's metadata)."""
+    rows = []
+    for r in report["large_m"]:
+        note = ("per call, CUDA graph of back-to-back calls; x rotated beyond L2; activation "
+                f"{r['activation']}")
+        rows += [{"benchmark": "K3 int5 matmul", "shape": f"{r['shape']} M={r['M']}", "variant": name,
+                  "statistic": "ms_per_call", "value": ms, "unit": "ms", "baseline": name == "cublas", "note": note}
+                 for name, ms in r["ms"].items() if isinstance(ms, float)]
+    for r in report["small_m"]:
+        shape = f"{r['shape']} M={r['M']} {r['mode']}"
+        rows.append({"benchmark": "K3 int5 matmul small M", "shape": shape, "variant": "cublas",
+                     "statistic": "us_per_call", "value": r["cublas_us"], "unit": "us", "baseline": True})
+        rows += [{"benchmark": "K3 int5 matmul small M", "shape": shape, "variant": name, "statistic": "us_per_call",
+                  "value": us, "unit": "us", "baseline": False} for name, us in r["us"].items() if isinstance(us, float)]
+    return rows
 
 
 def sm90_check():
