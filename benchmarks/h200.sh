@@ -4,7 +4,7 @@
 # The figures of every stage also land as rows of the results history in $OUT/results_new.jsonl; back
 # home, `python3 benchmarks/report.py --append results_new.jsonl` adds them to benchmarks/results.jsonl.
 # COMMIT=<short sha> names the code that ran (a snapshot without .git cannot tell; default: git, else
-# unknown); RUN_ID (default: the start time) groups the call's rows, which are compared only among themselves.
+# unknown); BENCH_RUN (default: the start time) groups the call's rows, which are compared only among themselves.
 # On a machine with several GPUs, `bash benchmarks/h200.sh parallel 0=STAGE,STAGE 1=STAGE ...` runs
 # each list on its own GPU at once (CUDA_VISIBLE_DEVICES=N, output under $OUT/gpuN), with env
 # assignments allowed in a list (`1=KERNELS=reference,train`).
@@ -16,8 +16,8 @@ set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 COMMIT=${COMMIT:-$(git -C "$R" rev-parse --short HEAD 2>/dev/null || echo unknown)}
-RUN_ID=${RUN_ID:-$(date -u +%Y-%m-%dT%H:%M:%S)}
-export COMMIT RUN_ID  # the per-GPU lists of `parallel` share them
+BENCH_RUN=${BENCH_RUN:-$(date -u +%Y-%m-%dT%H:%M:%S)}  # not RUN_ID: recycore reads that as its run id
+export COMMIT BENCH_RUN  # the per-GPU lists of `parallel` share them
 if [ "${1:-}" = parallel ]; then
   # Only 8 files come back from a device call: everything is gathered into $OUT/results.tgz.
   shift
@@ -79,7 +79,7 @@ record() {  # record SOURCE FILE [report.py options]: FILE's figures as rows of 
   local source=$1 file=$2; shift 2
   [ -f "$file" ] || return 0
   python3 "$R/benchmarks/report.py" --import-pytest-benchmark "$file" --out "$OUT/results_new.jsonl" \
-    --commit "$COMMIT" --run "$RUN_ID" --source "$source" --gpu "$GPU_NAME" --torch "$TORCH_V" --triton "$TRITON_V" \
+    --commit "$COMMIT" --run "$BENCH_RUN" --source "$source" --gpu "$GPU_NAME" --torch "$TORCH_V" --triton "$TRITON_V" \
     "$@" 2>&1 | tee -a "$LOG"
 }
 python3 -c "from recycore.bench import seed_inductor_cache; seed_inductor_cache()" 2>&1 | tee -a "$LOG"

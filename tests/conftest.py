@@ -1,6 +1,7 @@
 """Test set-up: on a machine without CUDA the Triton kernels run under the CPU
 interpreter, which must be switched on before anything imports triton
 (torch.compile imports it too); under pytest-xdist, compile caches per worker."""
+import dataclasses
 import os
 import sys
 import tempfile
@@ -38,6 +39,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_config_env(monkeypatch):
+    """The environment's own RUN_ID, DATA_PATH, NUM_LAYERS, ... (the config reads them, as the seed does)
+    must not leak into the tests' runs: a benchmark script's RUN_ID renamed a resumed run once."""
+    from recycore.config import Config
+
+    for f in dataclasses.fields(Config):
+        monkeypatch.delenv(f.name.upper(), raising=False)
+    monkeypatch.delenv("RECYCORE_DEBUG", raising=False)
 
 
 @pytest.fixture(autouse=True)

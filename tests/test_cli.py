@@ -1,7 +1,6 @@
 """The command line a user meets (#19): `recycore eval ARTIFACT` with no flags reproduces the training
 run's int5 figures, refuses another tokenizer, every flag's --help shows its default, runs end on one
 readable summary, and errors name what the file is and the field the user set."""
-import dataclasses
 import io
 import json
 import shutil
@@ -18,14 +17,6 @@ from recycore.console import Progress
 from recycore.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def no_config_env(monkeypatch):
-    """The user's own DATA_PATH, NUM_LAYERS, ... must not leak into these runs."""
-    for f in dataclasses.fields(Config):
-        monkeypatch.delenv(f.name.upper(), raising=False)
-    monkeypatch.delenv("RECYCORE_DEBUG", raising=False)
 
 
 @pytest.fixture(scope="module")
