@@ -68,7 +68,9 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
   echo "=== $name: $*" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  # SIGINT at the limit (SIGKILL 30 s later): pytest then still prints its failures' tracebacks, the
+  # slowest durations and the summary, which a plain kill loses
+  timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   SUMMARY+=("$(printf '%-8s rc=%-4s %4ss' "$name" "$rc" "$((SECONDS - start))")")
   return "$rc"
