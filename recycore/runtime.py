@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from recycore.errors import RecycoreError
+
 
 class Context:
     """Rank, world size, device and the logging of one process."""
@@ -17,6 +19,10 @@ class Context:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.master = rank == 0
         self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not (torch.cuda.is_available()
+                                               and (self.device.index or 0) < torch.cuda.device_count()):
+            raise RecycoreError(f"device {self.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+                                + ("" if device else " for LOCAL_RANK " + str(local_rank)))
         self.owns_group = False
         self.log_path: Path | None = None
         self.metrics_path: Path | None = None

@@ -214,6 +214,15 @@ def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+def test_a_device_that_is_not_there_is_one_clear_error():
+    from recycore.errors import RecycoreError
+    from recycore.runtime import process_context
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or any on a CPU machine
+    with pytest.raises(RecycoreError, match=f"^device {missing}: this machine has \\d+ CUDA GPU"):
+        process_context(missing)
+
+
 def test_bad_input_fails_early(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="divisible"):
         train(tiny_cfg(tiny_data, train_batch_tokens=250), checkpoint_dir=tmp_path, log_dir=tmp_path)
