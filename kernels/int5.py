@@ -17,7 +17,7 @@ kept packed on the GPU (5 bits per weight + one fp16 scale per output row), at e
   "stream" (large M, any K): one (M tile, weight tile) per program, a K loop that unpacks one
       128-value group per step into the MMA operand while the previous step's MMAs run.
   "splitk" (M <= SMALL_M_MAX, decoding-style): gemm.py's template with the INT5 loader; rows of
-      more than 4 groups are split over K (fp32 partials, one reduction launch).
+      more than 4 groups are split over K (fp32 partials, summed by each tile's last split to arrive).
   "gemv" (M <= 16, a candidate for decoding): a few weight rows per program (no MMA tile minimum,
       so ~1-2 programs per SM at the model's shapes), fp32 multiply-add, one launch.
   SMALL_M_KERNEL and `AUTO_LARGE_M` pick the kernel per regime and weight shape; "dequant" (the
