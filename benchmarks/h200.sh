@@ -152,6 +152,10 @@ for s in "$@"; do
             record "DIST_STEPS=${DIST_STEPS:-12} bash benchmarks/h200.sh dist" "$OUT/gpu$n.jsonl" --as-benchmark "data-parallel training" \
               --variant "$n GPU$([ $n = 1 ] || echo s)" --shape "seed config, eager, 786,432 tokens/step, ${DIST_STEPS:-12} steps"
           done ;;
+    # a seed-config artifact of the initial weights, in seconds (no training): $CKPT_DIR/seed_init.int5.ptz,
+    # for `ARTIFACT=/tmp/recycore_ckpt/seed_init.int5.ptz ... int5` (eval time depends on the shapes only)
+    seedartifact) stage seedartifact 120 python3 "$R/benchmarks/seed_artifact.py" \
+                    "${CKPT_DIR:-/tmp/recycore_ckpt}/seed_init.int5.ptz" "${DEMO[@]}" ;;
     # an exported artifact (ARTIFACT=path: absolute, or relative to the repo and carried) evaluated with
     # packed int5 weights (K3) and dequantised, both compiled
     int5) art=$ARTIFACT; [[ $art == /* ]] || art=$R/$art

@@ -237,3 +237,36 @@ def test_headline_against_another_figure_of_the_same_run_and_variant():
                 baseline_statistic="weight_bytes_if_bf16", target=2.9)
     [line] = report.headline_lines(rows, spec, [])
     assert "| 2.95x | >= 2.90x: met |" in line and "(weight_bytes_if_bf16)" in line
+
+
+def test_seed_artifact_holds_the_initial_weights_and_the_eval_record(tmp_path):
+    """benchmarks/seed_artifact.py: an artifact of a config's initial weights (no training) that loads
+    back into that model, recording the data and tokenizer for `recycore eval`."""
+    import torch
+
+    from recycore.artifact import load_artifact, read_artifact
+    from recycore.config import PRESETS, Config
+    from recycore.model import GPT
+
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"not a real tokenizer: only its hash is recorded")
+    out = tmp_path / "new" / "init.int5.ptz"  # its folder made as needed
+    done = subprocess.run([sys.executable, str(BENCH / "seed_artifact.py"), str(out), "--data-path", str(tmp_path),
+                           "--tokenizer-path", str(tokenizer), "--preset", "ci", "--seed", "3"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{out}: " in done.stdout and "initial weights of the ci preset" in done.stdout
+    record = read_artifact(out)["evaluation"]
+    assert record["tokenizer_path"] == str(tokenizer) and len(record["tokenizer_sha256"]) == 64
+    state, cfg, _ = load_artifact(out)
+    assert cfg.model_dict() == Config(**PRESETS["ci"]).model_dict()
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    loaded = torch.cat([t.float().flatten() for t in model.state_dict().values()])
+
+    def initial(seed):
+        torch.manual_seed(seed)
+        return torch.cat([t.float().flatten() for t in GPT(cfg).state_dict().values()])
+
+    # the int5/int8 round trip of seed 3's initial weights: close to them, far from another seed's
+    assert (loaded - initial(3)).norm() < 0.1 * (loaded - initial(4)).norm()
