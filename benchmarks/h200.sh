@@ -99,12 +99,12 @@ for s in "$@"; do
     # (4) processes share the GPU, so the Triton compiles that dominate the run spread over the host's
     # cores, by default a file per worker (TEST_DIST=loadfile: its module fixtures and kernels built once;
     # `load` spreads single tests). Verbose, so that a run cut by its limit still names every test that
-    # failed; the summary lists them.
+    # failed; the summary lists them; $OUT/tests.xml (JUnit) has every finished test's time and failure.
     tests) files=(); names=${TEST_FILES:-gemm mlp int5 int5_model model_kernels attention qk_prep head graphs}
            [ "$names" = all ] && names=$(cd "$R/tests" && ls test_*.py | sed 's/^test_//; s/\.py$//')
            for t in $names; do files+=("$R/tests/test_$t.py"); done
            stage tests "${TESTS_LIMIT:-480}" python3 -m pytest -v -rfE --tb=short -n "${TEST_WORKERS:-4}" --dist "${TEST_DIST:-loadfile}" ${PYTEST_X--x} ${TEST_K:+-k "$TEST_K"} \
-             --durations=12 -p no:cacheprovider "${files[@]}"
+             --durations=12 --junitxml="$OUT/tests.xml" -p no:cacheprovider "${files[@]}"
            while read -r line; do SUMMARY+=("  $line"); done < <(grep -oE "(FAILED|ERROR) [^ ]+::[^ ]+" "$LOG" | sort -u) ;;
     # one max-autotune step (per-block compile) under MAT_LIMIT seconds, filling the inductor cache in
     # TORCHINDUCTOR_CACHE_DIR (point it outside the repo to keep it across calls on a warm machine)
