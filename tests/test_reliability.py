@@ -84,7 +84,6 @@ def test_the_hostile_files_do_run_code_when_loaded_unsafely(hostile_files):
 @pytest.mark.parametrize("command", ["export", "eval", "eval --int5-direct", "train --resume"])
 def test_every_command_refuses_a_file_that_would_run_code(hostile_files, command, tmp_path, monkeypatch, capsys):
     marker, checkpoint, packed = hostile_files
-    monkeypatch.delenv("RECYCORE_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)
     argv = {"export": ["export", str(checkpoint), "-o", str(tmp_path / "out.ptz")],
             "eval": ["eval", str(packed)],
