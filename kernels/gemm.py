@@ -495,40 +495,53 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         if scale.shape[0] != N:
             raise ValueError(f"scale must have N = {N} entries, got {scale.shape[0]}")
 
-    upcast = on_interpreter(a)
     if config is None:
-        config = default_config(M, N, K, int5=int5_k is not None, interpreter=upcast)
+        config = default_config(M, N, K, int5=int5_k is not None, interpreter=on_interpreter(a))
     if int5_k is not None and config.block_k != INT5_GROUP:
         raise ValueError(f"INT5 configs need block_k = {INT5_GROUP}")
+    launch_template(a, b, out, pre, post, scale, epilogue=epilogue, int5=int5_k is not None, split_k=split_k,
+                    config=config, pre_sign=pre_sign)
+
+
+def launch_template(a, b, out, pre, post, scale, *, epilogue, int5, split_k, config, pre_sign=False,
+                    reduce_in_kernel=False):
+    """The template's launches on inputs already checked (by `gemm`, or once per call by int5.py's op):
+    `out` is the tensor the epilogue writes (for LEAKY_RELU2 the stored `post`, else `pre`), `pre` is
+    stored (LEAKY_RELU2) or read (LEAKY_RELU2_GRAD), `post` stored (LEAKY_RELU2) or, with pre_sign, read.
+    K is cut into at most `split_k` splits of whole blocks (none empty); their fp32 partials are summed
+    by `_splitk_reduce_kernel`, or with reduce_in_kernel by each tile's last split, where there are
+    arrival counters for it (else by the reduction launch: the same sums in the same order)."""
+    M, K = a.shape
+    N = b.shape[0]
+    upcast = on_interpreter(a)
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty splits
-    even_k = K % config.block_k == 0
+    store_pre, store_post = pre is not None, post is not None and epilogue == EPILOGUE_LEAKY_RELU2
     pre_arg = pre if pre is not None else out
     post_arg = post if post is not None else out
-    store_post = store_post and epilogue == EPILOGUE_LEAKY_RELU2  # the grad epilogue only reads post
     scale_arg = scale if scale is not None else out
-    if split_k > 1:
-        workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
-    else:
-        workspace = out  # not read
-        if config.persistent and int5_k is None:
-            outputs = [t for t in (out, pre, post) if t is not None and not (pre_sign and t is pre)]
-            if _launch_persistent(a, b, out, pre_arg, post_arg, scale, outputs, epilogue, store_pre, store_post,
-                                  M, N, K, config, pre_sign):
-                return
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
-    _gemm_kernel[grid](
-        a, b, out, pre_arg, post_arg, scale_arg, workspace, out,
+    if split_k == 1 and config.persistent and not int5:
+        outputs = [t for t in (out, pre, post) if t is not None and not (pre_sign and t is pre)]
+        if _launch_persistent(a, b, out, pre_arg, post_arg, scale, outputs, epilogue, store_pre, store_post,
+                              M, N, K, config, pre_sign):
+            return
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    arrivals = None
+    if split_k > 1 and reduce_in_kernel and tiles <= ARRIVAL_COUNTERS:
+        arrivals = arrival_counters(a.device)
+    workspace = torch.empty((split_k, M, N), device=a.device, dtype=torch.float32) if split_k > 1 else out
+    _gemm_kernel[(tiles, split_k)](
+        a, b, out, pre_arg, post_arg, scale_arg, workspace, out if arrivals is None else arrivals,
         M, N, K, k_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        B_INT5=int5_k is not None,
+        B_INT5=int5,
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
-        WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=False, EVEN_K=even_k, UPCAST=upcast,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=arrivals is not None, EVEN_K=K % config.block_k == 0,
+        UPCAST=upcast, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         PRE_AS_SIGN=pre_sign, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split_k > 1:
+    if split_k > 1 and arrivals is None:
         _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
             workspace, out, pre_arg, post_arg, scale_arg, M * N, N, split_k,
             EPILOGUE=epilogue, ROW_SCALE=scale is not None,

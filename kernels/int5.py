@@ -40,18 +40,15 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from recycore.int5_codec import INT5_MAX, unpack_codes
 from recycore.kernels._common import check_tensor, on_interpreter
 from recycore.kernels.gemm import (
-    ARRIVAL_COUNTERS,
     EPILOGUE_LEAKY_RELU2,
     EPILOGUE_NONE,
     INT5_GROUP,
     INT5_GROUP_WORDS,
     GemmConfig,
-    _gemm_kernel,
     _load_int5_tile,
-    _splitk_reduce_kernel,
     _store_epilogue,
     _tile_coords,
-    arrival_counters,
+    launch_template,
     num_sms,
 )
 
@@ -404,7 +401,7 @@ def _small_m_plan(M, N, K, device):
 
 
 def _launch_splitk(x, packed, scales, y, N, K, leaky, config):
-    """The template kernel launched directly (inputs checked once by int5_linear)."""
+    """The template (gemm.py) on the INT5 weight; inputs checked once by int5_linear."""
     M = x.shape[0]
     if config is None:
         gemm_config, split_k = _small_m_plan(M, N, K, x.device)
@@ -414,28 +411,9 @@ def _launch_splitk(x, packed, scales, y, N, K, leaky, config):
                                  num_warps=config.num_warps, num_stages=config.num_stages)
         split_k = config.split_k or (_small_m_plan(M, N, K, x.device)[1] if M <= SMALL_M_MAX else 1)
         in_kernel = bool(config.reduce_in_kernel)
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), INT5_GROUP) * INT5_GROUP
-    split_k = triton.cdiv(K, k_per_split)  # no empty splits
-    tiles = triton.cdiv(M, gemm_config.block_m) * triton.cdiv(N, gemm_config.block_n)
-    arrivals = arrival_counters(x.device) if in_kernel and split_k > 1 and tiles <= ARRIVAL_COUNTERS else None
-    in_kernel = arrivals is not None  # else the reduction launch sums the same partials in the same order
-    upcast = on_interpreter(x)
-    epilogue = EPILOGUE_LEAKY_RELU2 if leaky else EPILOGUE_NONE
-    workspace = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32) if split_k > 1 else y
-    _gemm_kernel[(tiles, split_k)](
-        x, packed, y, y, y, scales, workspace, y if arrivals is None else arrivals, M, N, K, k_per_split,
-        x.stride(0), x.stride(1), packed.stride(0), 1,
-        B_INT5=True, EPILOGUE=epilogue, ROW_SCALE=True, STORE_PRE=False, STORE_POST=True,
-        WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=in_kernel, EVEN_K=K % INT5_GROUP == 0, UPCAST=upcast,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=gemm_config.block_m, BLOCK_N=gemm_config.block_n, BLOCK_K=INT5_GROUP, GROUP_M=gemm_config.group_m,
-        num_warps=gemm_config.num_warps, num_stages=gemm_config.num_stages,
-    )
-    if split_k > 1 and not in_kernel:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
-            workspace, y, y, y, scales, M * N, N, split_k, EPILOGUE=epilogue, ROW_SCALE=True,
-            STORE_PRE=False, STORE_POST=True, UPCAST=upcast, BLOCK=block)
+    launch_template(x, packed, y, None, y if leaky else None, scales,
+                    epilogue=EPILOGUE_LEAKY_RELU2 if leaky else EPILOGUE_NONE, int5=True, split_k=split_k,
+                    config=gemm_config, reduce_in_kernel=in_kernel)
 
 
 @triton.jit
