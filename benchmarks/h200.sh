@@ -75,7 +75,8 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   SUMMARY+=("$(printf '%-8s rc=%-4s %4ss' "$name" "$rc" "$((SECONDS - start))")")
   return "$rc"
 }
-python3 -c "import torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__)" | tee -a "$LOG"
+python3 -c "import os, torch, triton, recycore.kernels as k; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), k.__file__,
+f'cores: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), torch threads {torch.get_num_threads()}')" | tee -a "$LOG"
 read -r TORCH_V TRITON_V GPU_NAME < <(python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())")
 record() {  # record SOURCE FILE [report.py options]: FILE's figures as rows of $OUT/results_new.jsonl
   local source=$1 file=$2; shift 2

@@ -24,6 +24,7 @@ class Context:
             raise RecycoreError(f"device {self.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
                                 + ("" if device else " for LOCAL_RANK " + str(local_rank)))
         self.owns_group = False
+        self.tf32_before = None  # the process's TF32 switches before start(), put back by stop()
         self.log_path: Path | None = None
         self.metrics_path: Path | None = None
 
@@ -38,6 +39,7 @@ class Context:
     def start(self) -> None:
         if self.on_cuda:
             torch.cuda.set_device(self.device)
+            self.tf32_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.distributed and not dist.is_initialized():
@@ -48,6 +50,10 @@ class Context:
             self.owns_group = True
 
     def stop(self) -> None:
+        """Undo start(): a caller's later fp32 matmuls (a notebook's, a test's) get the precision it had set."""
+        if self.tf32_before is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.tf32_before
+            self.tf32_before = None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -13,8 +13,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _caches = os.path.join(tempfile.gettempdir(), "recycore_test_caches", os.environ["PYTEST_XDIST_WORKER"])
     os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
+    # and a share of the cores: each worker's torch (and its subprocesses) would start one CPU thread per
+    # core, and the CPU-bound tests (quantiser, artifacts, tracing) crawled on the GPU host's 10 workers
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(_threads)
 
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"

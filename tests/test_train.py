@@ -19,6 +19,7 @@ from recycore.checkpoint import WeightAverages, effective_ema_decay, load_checkp
 from recycore.cli import add_train_arguments, run_train
 from recycore.config import PRESETS
 from recycore.training import train
+from helpers import requires_cuda
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees near "
          "quiet water and children read long stories about brave knights distant mountains bright stars").split()
@@ -221,6 +222,24 @@ def test_a_device_that_is_not_there_is_one_clear_error():
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or any on a CPU machine
     with pytest.raises(RecycoreError, match=f"^device {missing}: this machine has \\d+ CUDA GPU"):
         process_context(missing)
+
+
+@requires_cuda
+def test_the_context_puts_the_tf32_switches_back():
+    """Training turns TF32 on (as the seed does); a caller's later fp32 matmuls get their own setting back."""
+    from recycore.runtime import process_context
+
+    backends = torch.backends
+    before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    try:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = False, True
+        ctx = process_context("cuda:0")
+        ctx.start()
+        assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+        ctx.stop()
+        assert (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == (False, True)
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = before
 
 
 def test_bad_input_fails_early(tiny_data, tmp_path, monkeypatch):
