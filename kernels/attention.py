@@ -33,16 +33,18 @@ LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, PACK_GQA]) per kernel, chosen on the H200 for D=64
-# (benchmarks/NOTES_K2.md). Forward/dQ need BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, PACK_GQA / ONE_PASS) per kernel, chosen on the H200 for D=64
+# (benchmarks/README.md, K2). Forward/dQ need BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0.
 # PACK_GQA: one forward/dQ tile holds BLOCK_M positions of every query head of a kv group, so the
 # group's heads share each K/V tile (dK/dV always loops over the group's heads).
+# ONE_PASS: the dK/dV kernel also adds each key block's dQ share into an fp32 buffer (atomics, so dQ's
+# sums are not in a fixed order) and the dQ kernel does not run.
 FWD_CONFIG = (64, 64, 4, 3, True)
-DKDV_CONFIG = (32, 128, 4, 3)
+DKDV_CONFIG = (32, 128, 4, 3, False)
 DQ_CONFIG = (64, 64, 4, 3, False)
 EPILOGUE_BLOCK_M = 64
 # every program-tile step costs ~5 ms in the interpreter: few, small tiles
-INTERPRET_CONFIGS = dict(fwd=(32, 32, 4, 1, True), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1, False), epilogue_block_m=32)
+INTERPRET_CONFIGS = dict(fwd=(32, 32, 4, 1, True), dkdv=(32, 32, 4, 1, False), dq=(32, 32, 4, 1, False), epilogue_block_m=32)
 GPU_CONFIGS = dict(fwd=FWD_CONFIG, dkdv=DKDV_CONFIG, dq=DQ_CONFIG, epilogue_block_m=EPILOGUE_BLOCK_M)
 
 
@@ -256,9 +258,10 @@ def _xsa_gate_bwd_kernel(DY, O, V, G, DO, DG, DV, DELTA,
 # Backward: dK/dV and dQ
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
                          offs_n, lo, hi, T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         DIAGONAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         DIAGONAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -276,20 +279,27 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:  # this key block's share of dQ (unscaled), summed over key blocks in fp32
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dot + offs_d[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DV_SELF,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DV_SELF, DQ_ACC,
                           stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                           stride_vb, stride_vt, stride_vh,
                           T, H_KV, sm_scale, qk_scale,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, XSA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK, dV of one key block, summed over the GROUP query heads that read it (no atomics).
-    DO is contiguous (B,T,H,D); LSE, DELTA (B,H,T); DK, DV, DV_SELF contiguous (B,T,Hkv,D)."""
+                          BLOCK_N: tl.constexpr, XSA: tl.constexpr, DQ_ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key block, summed over the GROUP query heads that read it (no atomics); with
+    DQ_ATOMIC also every query row's dQ share of this key block, added (fp32 atomics, unscaled) into
+    DQ_ACC, so that no second pass recomputes P and dP for dQ (5 matmuls instead of 7).
+    DO and DQ_ACC are contiguous (B,T,H,D); LSE, DELTA (B,H,T); DK, DV, DV_SELF contiguous (B,T,Hkv,D)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // H_KV).to(tl.int64)
@@ -315,13 +325,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DV_SELF,
         do_base = DO + (b * T * H + h) * HEAD_DIM
         lse_base = LSE + (b * H + h) * T
         delta_base = DELTA + (b * H + h) * T
+        dq_base = DQ_ACC + (b * T * H + h) * HEAD_DIM
         # query blocks on the diagonal (causal mask), then all the ones below it
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
                                       H * HEAD_DIM, offs_n, start_n, diag_end, T, qk_scale, HEAD_DIM,
-                                      BLOCK_M, True, UPCAST, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                      BLOCK_M, True, DQ_ATOMIC, UPCAST, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
                                       H * HEAD_DIM, offs_n, start_n + BLOCK_N, T, T, qk_scale, HEAD_DIM,
-                                      BLOCK_M, False, UPCAST, DOT_PRECISION)
+                                      BLOCK_M, False, DQ_ATOMIC, UPCAST, DOT_PRECISION)
     row_kv = (b * T + offs_n) * H_KV + kv_h
     if XSA:  # the XSA term of dv at the query's own position, already summed over the group
         dv += tl.load(DV_SELF + row_kv[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -493,12 +504,17 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     configs = _configs(q)
-    block_m, block_n, warps, stages = dkdv_config or configs["dkdv"]
+    block_m, block_n, warps, stages, one_pass = dkdv_config or configs["dkdv"]
+    dq_acc = torch.zeros((B, T, H, D), device=q.device, dtype=torch.float32) if one_pass else dq
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * h_kv)](
-        q, k, v, do, lse, delta, dk, dv, dv_self if xsa else dv, *strides, T, h_kv, sm_scale, sm_scale * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa, UPCAST=on_interpreter(q),
-        DOT_PRECISION=_dot_precision(q),
+        q, k, v, do, lse, delta, dk, dv, dv_self if xsa else dv, dq_acc, *strides, T, h_kv, sm_scale,
+        sm_scale * LOG2E, GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, XSA=xsa,
+        DQ_ATOMIC=bool(one_pass), UPCAST=on_interpreter(q), DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
+    if one_pass:
+        torch.mul(dq_acc, sm_scale, out=dq_acc)
+        dq.copy_(dq_acc)
+        return dq, dk, dv, dg
     block_m, block_n, warps, stages, pack_gqa = dq_config or configs["dq"]
     heads = _packed_heads(pack_gqa, group, block_m)
     _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H // heads)](

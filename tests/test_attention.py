@@ -126,12 +126,13 @@ def nan_poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(math.nan))
 
 
-@pytest.mark.parametrize("xsa", [True, False])
-def test_raw_launchers_write_every_element(nan_poisoned_empty, xsa):
+@pytest.mark.parametrize("xsa,one_pass", [(True, False), (False, False), (True, True)])
+def test_raw_launchers_write_every_element(nan_poisoned_empty, xsa, one_pass):
     q, k, v, g = (t.detach() for t in _inputs(2, 45, 4, 2, 16, torch.float32))
     y, o, lse = attn._attention_forward(q, k, v, g, xsa)
     dy = torch.randn_like(q)
-    grads = attn._attention_backward(dy, q, k, v, g, o, lse, xsa)
+    dkdv_config = attn._configs(q)["dkdv"][:4] + (one_pass,)
+    grads = attn._attention_backward(dy, q, k, v, g, o, lse, xsa, dkdv_config=dkdv_config)
     y_epi = attn._xsa_gate_forward(o, v, g, xsa)
     epi_grads = attn._xsa_gate_backward(dy, o, v, g, xsa)
     for t in (y, o, lse, *grads, y_epi, *(t for t in epi_grads if t is not None)):
@@ -140,14 +141,15 @@ def test_raw_launchers_write_every_element(nan_poisoned_empty, xsa):
     assert rel_err(y_epi, y) < 1e-5
 
 
-@pytest.mark.parametrize("pack_gqa", [True, False])
-def test_gqa_packed_and_per_head_tiles(pack_gqa):
-    """Forward and dQ tiles holding the whole kv group's heads, or one head: both match the reference."""
+@pytest.mark.parametrize("pack_gqa,one_pass", [(True, False), (False, False), (False, True)])
+def test_gqa_packed_and_per_head_tiles(pack_gqa, one_pass):
+    """Forward and dQ tiles holding the whole kv group's heads, or one head, or dQ summed by the dK/dV
+    kernel (one pass): all match the reference."""
     q, k, v, g = (t.detach() for t in _inputs(2, 45, 4, 2, 16, torch.float32))
     config = (32, 16, 4, 1, pack_gqa)
     y, o, lse = attn._attention_forward(q, k, v, g, True, config=config)
     dy = torch.randn_like(y)
-    dq, dk, dv, dg = attn._attention_backward(dy, q, k, v, g, o, lse, True, dkdv_config=(16, 32, 4, 1),
+    dq, dk, dv, dg = attn._attention_backward(dy, q, k, v, g, o, lse, True, dkdv_config=(16, 32, 4, 1, one_pass),
                                               dq_config=config)
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v, g)]
     ref = gated_xsa_attention_reference(*ref_inputs, True)

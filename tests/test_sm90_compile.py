@@ -88,6 +88,14 @@ def _attention(direction, xsa):
         _body(attention._gated_xsa_attention_backward_op)(_empty(*q.shape), q, k, v, g, o, lse, xsa)
 
 
+def _attention_one_pass():
+    """K2's backward with dQ summed by the dK/dV kernel (a contender of the benchmark's sweep)."""
+    q, k, v, g = _attention_inputs()
+    o, lse = _empty(*q.shape), _empty(BATCH, HEADS, T, dtype=torch.float32)
+    config = attention.GPU_CONFIGS["dkdv"][:4] + (True,)
+    attention._attention_backward(_empty(*q.shape), q, k, v, g, o, lse, True, dkdv_config=config)
+
+
 def _xsa_gate(direction, xsa):
     """K2's stand-alone epilogue around an SDPA core (impl "sdpa_fused"): forward or backward."""
     o, _, v, g = _attention_inputs()
@@ -169,6 +177,7 @@ def _scenarios():
         for direction in ("fwd", "bwd"):
             s[f"xsa_gate-{direction}-xsa{xsa:d}"] = partial(_xsa_gate, direction, xsa), [
                 f"_xsa_gate_{direction}_kernel"]
+    s["attention-bwd-one-pass"] = _attention_one_pass, ["_attn_bwd_dkdv_kernel"]
     for direction in ("fwd", "bwd"):
         s[f"qk_prep-{direction}"] = partial(_qk_prep, direction), [f"_qk_norm_rope_{direction}_kernel"]
     for matrix in INT5_MATRICES:  # the int5 model's evaluation
