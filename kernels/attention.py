@@ -512,8 +512,7 @@ def _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa, dkdv_config=None,
         DQ_ATOMIC=bool(one_pass), UPCAST=on_interpreter(q), DOT_PRECISION=_dot_precision(q),
         num_warps=warps, num_stages=stages)
     if one_pass:
-        torch.mul(dq_acc, sm_scale, out=dq_acc)
-        dq.copy_(dq_acc)
+        torch.mul(dq_acc, sm_scale, out=dq)
         return dq, dk, dv, dg
     block_m, block_n, warps, stages, pack_gqa = dq_config or configs["dq"]
     heads = _packed_heads(pack_gqa, group, block_m)
