@@ -56,18 +56,23 @@ def candidates():
             Int5Config("splitk", 256, 128, 8, 2, split_k=1)]
 
 
-def small_m_candidates(M):
+def small_m_candidates(M, K=None):
     """(name, impl, config) at M <= 16 rows: auto (SMALL_M_KERNEL), the gemv kernel's variants, the
     template as planned (its splits summed in the kernel) and with the same splits summed by a second
-    launch, or with 8 splits."""
-    from recycore.kernels.int5 import SMALL_M_BLOCK_N, Int5Config
+    launch, or with 8 splits; for rows of K <= RESIDENT_MAX_K (or K None: every name), the resident
+    kernel with skinny weight tiles, every load of a program issued at once instead of one K step after
+    another (offline sm_90: 118-121 registers, 16 KB of shared memory)."""
+    from recycore.kernels.int5 import RESIDENT_MAX_K, SMALL_M_BLOCK_N, Int5Config
 
     bm = 1 << (M - 1).bit_length()
     planned = Int5Config("splitk", max(16, bm), SMALL_M_BLOCK_N, 4, 3, group_m=1, reduce_in_kernel=1)
-    return [("auto", "auto", None), ("gemv", "gemv", None), ("gemv:b2", "gemv", Int5Config("gemv", bm, 2, 4, 3)),
+    runs = [("auto", "auto", None), ("gemv", "gemv", None), ("gemv:b2", "gemv", Int5Config("gemv", bm, 2, 4, 3)),
             ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None),
             ("splitk:2l", "splitk", dataclasses.replace(planned, reduce_in_kernel=0)),
             ("splitk:k8r", "splitk", dataclasses.replace(planned, split_k=8))]
+    if K is None or K <= RESIDENT_MAX_K:
+        runs += [(f"resident:{n}", "resident", Int5Config("resident", max(16, bm), n, 4, 1)) for n in (16, 32)]
+    return runs
 
 
 def fits(config, K):
@@ -244,7 +249,7 @@ def _table_cases():
             cases += [(c.kernel, c.as_list(), N, K, M, act) for c in candidates() if fits(c, K)]
             cases += [("auto", None, N, K, M, act), ("dequant", None, N, K, M, act)]
         cases += [(impl, None if c is None else c.as_list(), N, K, M, act)
-                  for M in SMALL_ROWS for _, impl, c in small_m_candidates(M)]
+                  for M in SMALL_ROWS for _, impl, c in small_m_candidates(M, K)]
     return cases
 
 
@@ -320,7 +325,7 @@ def table(out_dir=None, rounds=3):
     for N, K in WEIGHT_SHAPES:
         for M in SMALL_ROWS:
             for mode in ("hot", "cold"):
-                runs = [("cublas", "cublas", None), *small_m_candidates(M)]
+                runs = [("cublas", "cublas", None), *small_m_candidates(M, K)]
                 ms = time_rounds({name: lambda impl=impl, config=config: call_timer(small_m_calls(
                     impl, N, K, M, mode, config=config)) for name, impl, config in runs}, rounds)
                 base = ms.pop("cublas")
@@ -330,7 +335,8 @@ def table(out_dir=None, rounds=3):
                     if isinstance(value, float):
                         row["ratio"][name] = base / value
                 report["small_m"].append(row)
-                cells = [f"{row['ratio'][n]:8.2f}x" if n in row["ratio"] else "      err" for n in small_names]
+                cells = [f"{row['ratio'][n]:8.2f}x" if n in row["ratio"] else ("      err" if n in ms else "        -")
+                         for n in small_names]
                 print(f"{N}x{K:<5d} {M:3d} {mode:4s} {base * 1e3:9.2f} " + " ".join(cells), flush=True)
     print(f"total {time.perf_counter() - start:.0f} s")
     if out_dir:

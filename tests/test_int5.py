@@ -175,6 +175,20 @@ def test_kernels_write_every_element(kernel, rows, cols, leaky, dtype):
     assert rel_err(y, _reference(x, q, scales, "leaky_relu2" if leaky else None)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_skinny_resident_tiles_at_small_m(M, block_n):
+    """The small-M table's resident candidates (one x tile, weight tiles of 16 or 32 rows): every element
+    written, against float64, with a ragged N and K."""
+    rows, cols = 40, 300
+    q, scales, packed = _weight(rows, cols)
+    x = torch.randn(M, cols, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.full((M, rows), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    int5_module._launch_large_m(x, packed, scales, y, rows, cols, False, Int5Config("resident", 16, block_n, 4, 1))
+    assert not y.isnan().any()
+    assert rel_err(y, _reference(x, q, scales, None)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("kernel", ["resident", "stream", "gemv"])
 def test_kernels_with_strided_x_and_many_programs(kernel):
     """x as a column slice of a wider tensor (row stride not TMA-aligned: pointer loads) and as a
