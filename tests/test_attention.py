@@ -159,7 +159,10 @@ def test_gqa_packed_and_per_head_tiles(pack_gqa, one_pass):
         assert rel_err(grad, ref_grad) < 1e-4
 
 
-def test_opcheck_attention():
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_opcheck_attention(one_pass, monkeypatch):
+    for configs in (attn.INTERPRET_CONFIGS, attn.GPU_CONFIGS):  # the backward's dK/dV config, one- or two-pass
+        monkeypatch.setitem(configs, "dkdv", configs["dkdv"][:4] + (one_pass,))
     q, k, v, g = _inputs(1, 20, 2, 1, 16, torch.float32)
     torch.library.opcheck(attn._gated_xsa_attention_op, (q, k, v, g, True))
     q, k, v, g = (t.detach() for t in (q, k, v, g))  # no double backward: the backward op alone
