@@ -61,7 +61,7 @@ def small_m_candidates(M, K=None):
     launch, or with 8 splits; for rows of K <= RESIDENT_MAX_K (or K None: every name), the resident
     kernel with skinny weight tiles, every load of a program issued at once instead of one K step after
     another (offline sm_90: 118-121 registers, 16 KB of shared memory)."""
-    from recycore.kernels.int5 import RESIDENT_MAX_K, SMALL_M_BLOCK_N, Int5Config
+    from recycore.kernels.int5 import SMALL_M_BLOCK_N, Int5Config
 
     bm = 1 << (M - 1).bit_length()
     planned = Int5Config("splitk", max(16, bm), SMALL_M_BLOCK_N, 4, 3, group_m=1, reduce_in_kernel=1)
@@ -69,9 +69,8 @@ def small_m_candidates(M, K=None):
             ("gemv:b4w2", "gemv", Int5Config("gemv", bm, 4, 2, 3)), ("splitk", "splitk", None),
             ("splitk:2l", "splitk", dataclasses.replace(planned, reduce_in_kernel=0)),
             ("splitk:k8r", "splitk", dataclasses.replace(planned, split_k=8))]
-    if K is None or K <= RESIDENT_MAX_K:
-        runs += [(f"resident:{n}", "resident", Int5Config("resident", max(16, bm), n, 4, 1)) for n in (16, 32)]
-    return runs
+    skinny = [(f"resident:{n}", "resident", Int5Config("resident", max(16, bm), n, 4, 1)) for n in (16, 32)]
+    return runs + [run for run in skinny if K is None or fits(run[2], K)]
 
 
 def fits(config, K):
