@@ -193,8 +193,15 @@ def profile_step(step, *args, device="cuda") -> dict:
             continue
         families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0.0) + ms
         kernels[event.key] = kernels.get(event.key, 0.0) + ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"total_ms": sum(families.values()), "families": families, "top_kernels": top}
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+    # the largest of each family too: the elementwise family is many small kernels, none in the top 12
+    by_family: dict[str, list] = {}
+    for name, ms in ranked:
+        listed = by_family.setdefault(kernel_family(name), [])
+        if len(listed) < 15:
+            listed.append((name, ms))
+    return {"total_ms": sum(families.values()), "families": families, "top_kernels": ranked[:12],
+            "family_kernels": by_family}
 
 
 def profile(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") -> dict:
@@ -227,4 +234,8 @@ def format_profile(result: dict) -> str:
     lines.append("  top kernels of the micro-step:")
     for name, ms in result["top_kernels"]:
         lines.append(f"    {ms:8.2f} ms  [{kernel_family(name)}] {name[:90]}")
+    for family, listed in result.get("family_kernels", {}).items():
+        if family in ("elementwise/norm", "gemm"):
+            lines.append(f"  largest {family} kernels:")
+            lines += [f"    {ms:8.2f} ms  {name[:110]}" for name, ms in listed]
     return "\n".join(lines)

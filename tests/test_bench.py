@@ -193,7 +193,7 @@ def test_profile_view_has_the_optimizer_step():
     # `recycore bench --profile` on the CPU profiler: the micro-step's families plus one optimiser step
     import torch
 
-    from recycore.bench import format_profile, profile
+    from recycore.bench import format_profile, kernel_family, profile
     from recycore.config import Config
     from recycore.config import PRESETS
 
@@ -204,3 +204,9 @@ def test_profile_view_has_the_optimizer_step():
     assert result["total_ms"] == pytest.approx(sum(families.values()))
     text = format_profile(result)
     assert "(micro-step + optimiser step)" in text and "optimizer" in text and "top kernels of the micro-step" in text
+    # each family's largest kernels, every one of them in its family, their times within the family's
+    listed = result["family_kernels"]
+    assert listed["gemm"] and "largest gemm kernels:" in text
+    for family, kernels in listed.items():
+        assert all(kernel_family(name) == family for name, _ in kernels)
+        assert sum(ms for _, ms in kernels) <= families[family] * (1 + 1e-9)
