@@ -31,6 +31,13 @@ Grid: (cdiv(T, BLOCK_T), (H + Hkv) / HEADS, B); one program is BLOCK_T tokens x 
 either q (program_id(1) < H/HEADS) or k, so one launch covers both tensors in each direction
 (backward: plus the tiny gain reduction). A (BLOCK_T, HEADS, D) tile shares one cos/sin load
 among its HEADS heads.
+
+`qkv_prep` is the same op on the whole packed projection output [q | k | v | gate logits] (the model's
+one GEMM for q, k, v and the head gate): it also hands out v and gate logits + bias, so its backward
+receives all four gradients and writes the packed gradient in one pass. Autograd through views of
+the projection output would instead concatenate dq, dk, dv and the gate's gradient in a copy (the
+custom op's outputs cannot be written in place by inductor). Grid: Hkv / HEADS more programs along
+axis 1, copying v's heads (and its gradient); the first of them also does the gate's H columns.
 """
 from typing import NamedTuple
 
@@ -113,27 +120,61 @@ def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh,
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, gain_ptr,
-                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, cos_st, cos_sd, sin_st, sin_sd,
-                             T, H, H_KV, eps,
+def _copy_tile(x_base, o_base, offs_t, T, s_xt, s_xh, s_ot, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """(BLOCK_T, HEADS, D) rows from x (token stride s_xt, head stride s_xh) to o (token stride s_ot,
+    heads packed): v out of the projection in forward, its gradient back in backward."""
+    t = offs_t[:, None, None]
+    h = tl.arange(0, HEADS)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (t < T) & (d < HEAD_DIM)
+    x = tl.load(x_base + t * s_xt + h * s_xh + d, mask=mask, other=0.0)
+    tl.store(o_base + t * s_ot + h * HEAD_DIM + d, x.to(o_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_fwd_tile(g_base, go_base, bias_ptr, offs_t, T, s_gt, H, BLOCK_H: tl.constexpr):
+    """gate_out = g + bias for (BLOCK_T, H) gate logits (the bias added in fp32)."""
+    t = offs_t[:, None]
+    h = tl.arange(0, BLOCK_H)[None, :]
+    mask = (t < T) & (h < H)
+    g = tl.load(g_base + t * s_gt + h, mask=mask, other=0.0).to(tl.float32)
+    g += tl.load(bias_ptr + h, mask=h < H, other=0.0).to(tl.float32)
+    tl.store(go_base + t * H + h, g.to(go_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, qo_ptr, ko_ptr, vo_ptr, go_ptr, cos_ptr, sin_ptr,
+                             gain_ptr, bias_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_gb, s_gt,
+                             cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                             PACKED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Programs along axis 1: q heads, k heads, then (PACKED) v heads copied out, the first of which
+    also adds the gate's bias."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # b * batch stride can pass 2^31 elements
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     n_q = H // HEADS
+    n_k = H_KV // HEADS
     # Each branch inlines the whole tile so no pointer/stride has to be merged across branches.
     if pid_h < n_q:
         h0 = pid_h * HEADS
         _fwd_tile(q_ptr + b * s_qb + h0 * s_qh, qo_ptr + (b * T * H + h0) * HEAD_DIM, gain_ptr + h0,
                   cos_ptr, sin_ptr, offs_t, T, s_qt, s_qh, H * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
                   HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
-    else:
+    elif pid_h < n_q + n_k:
         h0 = (pid_h - n_q) * HEADS
         _fwd_tile(k_ptr + b * s_kb + h0 * s_kh, ko_ptr + (b * T * H_KV + h0) * HEAD_DIM, gain_ptr,
                   cos_ptr, sin_ptr, offs_t, T, s_kt, s_kh, H_KV * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd,
                   eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
+    elif PACKED:
+        h0 = (pid_h - n_q - n_k) * HEADS
+        _copy_tile(v_ptr + b * s_vb + h0 * s_vh, vo_ptr + (b * T * H_KV + h0) * HEAD_DIM, offs_t, T,
+                   s_vt, s_vh, H_KV * HEAD_DIM, HEADS, HEAD_DIM, BLOCK_D)
+        if h0 == 0:
+            _gate_fwd_tile(g_ptr + b * s_gb, go_ptr + b * T * H, bias_ptr, offs_t, T, s_gt, H, BLOCK_H)
 
 
 @triton.jit
@@ -179,31 +220,58 @@ def _bwd_tile(x_base, g_base, dx_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_
 
 
 @triton.jit
-def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_ptr, sin_ptr, gain_ptr,
-                             part_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_gqb, s_gqt, s_gqh,
-                             s_gkb, s_gkt, s_gkh, cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
+def _gate_bwd_tile(dg_base, d_base, offs_t, T, s_dgt, s_dgh, s_dt, H, BLOCK_H: tl.constexpr):
+    """The gate logits' gradient into the packed gradient (d_base: its gate columns); returns its
+    per-head sums over the tile's tokens (the bias's gradient share, (BLOCK_H,))."""
+    t = offs_t[:, None]
+    h = tl.arange(0, BLOCK_H)[None, :]
+    mask = (t < T) & (h < H)
+    dg = tl.load(dg_base + t * s_dgt + h * s_dgh, mask=mask, other=0.0)
+    tl.store(d_base + t * s_dt + h, dg.to(d_base.dtype.element_ty), mask=mask)
+    return tl.sum(dg.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                             cos_ptr, sin_ptr, gain_ptr, part_ptr, bias_part_ptr,
+                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_gqb, s_gqt, s_gqh, s_gkb, s_gkt, s_gkh,
+                             s_gvb, s_gvt, s_gvh, s_ggb, s_ggt, s_ggh, s_dqb, s_dqt, s_dkb, s_dkt,
+                             cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                             PACKED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Programs as in forward. PACKED: dq, dk, dv and the gate's gradient are column ranges of one
+    packed gradient (dq's strides for all four); the v programs copy dv in, the first also the gate's."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     n_q = H // HEADS
+    n_k = H_KV // HEADS
+    # workspace row = this program's (b, token block); columns = heads
+    row = b * tl.num_programs(0) + pid_t
     if pid_h < n_q:
         h0 = pid_h * HEADS
         part = _bwd_tile(q_ptr + b * s_qb + h0 * s_qh, gq_ptr + b * s_gqb + h0 * s_gqh,
-                         dq_ptr + (b * T * H + h0) * HEAD_DIM, gain_ptr + h0, cos_ptr, sin_ptr, offs_t, T,
-                         s_qt, s_qh, s_gqt, s_gqh, H * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
+                         dq_ptr + b * s_dqb + h0 * HEAD_DIM, gain_ptr + h0, cos_ptr, sin_ptr, offs_t, T,
+                         s_qt, s_qh, s_gqt, s_gqh, s_dqt, cos_st, cos_sd, sin_st, sin_sd, eps,
                          HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
-        # workspace row = this program's (b, token block); columns = heads
-        row = b * tl.num_programs(0) + pid_t
         tl.store(part_ptr + row * H + h0 + tl.arange(0, HEADS), part)
-    else:
+    elif pid_h < n_q + n_k:
         h0 = (pid_h - n_q) * HEADS
         _bwd_tile(k_ptr + b * s_kb + h0 * s_kh, gk_ptr + b * s_gkb + h0 * s_gkh,
-                  dk_ptr + (b * T * H_KV + h0) * HEAD_DIM, gain_ptr, cos_ptr, sin_ptr, offs_t, T,
-                  s_kt, s_kh, s_gkt, s_gkh, H_KV * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
+                  dk_ptr + b * s_dkb + h0 * HEAD_DIM, gain_ptr, cos_ptr, sin_ptr, offs_t, T,
+                  s_kt, s_kh, s_gkt, s_gkh, s_dkt, cos_st, cos_sd, sin_st, sin_sd, eps,
                   HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
+    elif PACKED:
+        h0 = (pid_h - n_q - n_k) * HEADS
+        _copy_tile(gv_ptr + b * s_gvb + h0 * s_gvh, dv_ptr + b * s_dqb + h0 * HEAD_DIM, offs_t, T,
+                   s_gvt, s_gvh, s_dqt, HEADS, HEAD_DIM, BLOCK_D)
+        if h0 == 0:
+            part = _gate_bwd_tile(gg_ptr + b * s_ggb, dg_ptr + b * s_dqb, offs_t, T, s_ggt, s_ggh, s_dqt, H,
+                                  BLOCK_H)
+            h = tl.arange(0, BLOCK_H)
+            tl.store(bias_part_ptr + row * H + h, part, mask=h < H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,61 +281,116 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_shape(q, k, config, gpu_default):
+def _launch_shape(q, k, config, gpu_default, packed=False):
     """(config, heads per program, grid). A CPU tensor can only run under the interpreter, which
-    gets its own small config; nothing else differs (the math is fp32 after every load anyway)."""
+    gets its own small config; nothing else differs (the math is fp32 after every load anyway).
+    Packed: the v heads' programs follow the k heads'."""
     B, T, H, _ = q.shape
     h_kv = k.shape[2]
     config = config or (INTERPRETER_CONFIG if q.device.type == "cpu" else gpu_default)
     heads = config.heads
     while H % heads or h_kv % heads:
         heads //= 2
-    return config, heads, (triton.cdiv(T, config.block_t), (H + h_kv) // heads, B)
+    return config, heads, (triton.cdiv(T, config.block_t), (H + (2 if packed else 1) * h_kv) // heads, B)
+
+
+def _split_packed(qkv: Tensor, num_heads: int, num_kv_heads: int):
+    """Views q (B,T,H,D), k and v (B,T,Hkv,D), gate logits (B,T,H) of a packed [q | k | v | gate]
+    projection output (B,T,(H + 2 Hkv) D + H)."""
+    B, T, N = qkv.shape
+    D = (N - num_heads) // (num_heads + 2 * num_kv_heads)
+    q, k, v, g = qkv.split((num_heads * D, num_kv_heads * D, num_kv_heads * D, num_heads), dim=-1)
+    return q.unflatten(-1, (num_heads, D)), k.unflatten(-1, (num_kv_heads, D)), v.unflatten(-1, (num_kv_heads, D)), g
+
+
+def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None):
+    """The forward launch: (q_out, k_out), plus with v, g (packed) (v_out, gate_out): all contiguous."""
+    B, T, H, D = q.shape
+    h_kv = k.shape[2]
+    packed = v is not None
+    q_out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
+    k_out = torch.empty((B, T, h_kv, D), device=q.device, dtype=q.dtype)
+    v_out = torch.empty((B, T, h_kv, D), device=q.device, dtype=q.dtype) if packed else q_out
+    g_out = torch.empty((B, T, H), device=q.device, dtype=q.dtype) if packed else q_out
+    outputs = (q_out, k_out, v_out, g_out) if packed else (q_out, k_out)
+    if q_out.numel() == 0:
+        return outputs
+    v, g, gate_bias = (v, g, gate_bias) if packed else (q, q, q_gain)  # unread stand-ins
+    config, heads, grid = _launch_shape(q, k, config, FWD_CONFIG, packed)
+    _qk_norm_rope_fwd_kernel[grid](
+        q, k, v, g, q_out, k_out, v_out, g_out, cos, sin, q_gain, gate_bias,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        T, H, h_kv, RMS_EPS, HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
+        BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
+        BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H), num_warps=config.num_warps)
+    return outputs
+
+
+def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_out=None, d_packed=None):
+    """The backward launch: dq, dk (contiguous, or column ranges of d_packed, which then also gets dv_out
+    and dg_out), per-head partial sums of d q_gain and (packed) of d gate_bias, (rows, H) fp32 each."""
+    B, T, H, D = q.shape
+    h_kv = k.shape[2]
+    packed = d_packed is not None
+    if packed:
+        dq, dk, dv, dg = _split_packed(d_packed, H, h_kv)
+    else:
+        dq = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, T, h_kv, D), device=q.device, dtype=k.dtype)
+        dv, dg, dv_out, dg_out = dq, dq, dq_out, dq_out  # unread stand-ins
+    config, heads, grid = _launch_shape(q, k, config, BWD_CONFIG, packed)
+    # one row of per-head partial sums per (batch, token block): every entry is written
+    partials = torch.empty((B * grid[0], H), device=q.device, dtype=torch.float32)
+    bias_partials = torch.empty((B * grid[0], H), device=q.device, dtype=torch.float32) if packed else partials
+    if dq.numel() == 0:
+        return dq, dk, partials.zero_(), bias_partials.zero_()
+    _qk_norm_rope_bwd_kernel[grid](
+        q, k, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain, partials, bias_partials,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
+        dv_out.stride(0), dv_out.stride(1), dv_out.stride(2), dg_out.stride(0), dg_out.stride(1), dg_out.stride(2),
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), T, H, h_kv, RMS_EPS,
+        HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
+        BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
+        BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H), num_warps=config.num_warps)
+    return dq, dk, partials, bias_partials
 
 
 def qk_norm_rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor,
                          config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor]:
     """The forward launch (no autograd): (q_out, k_out), contiguous, in q's dtype."""
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    B, T, H, D = q.shape
-    h_kv = k.shape[2]
-    q_out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
-    k_out = torch.empty((B, T, h_kv, D), device=q.device, dtype=q.dtype)
-    if q_out.numel() == 0:
-        return q_out, k_out
-    config, heads, grid = _launch_shape(q, k, config, FWD_CONFIG)
-    _qk_norm_rope_fwd_kernel[grid](
-        q, k, q_out, k_out, cos, sin, q_gain, q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        T, H, h_kv, RMS_EPS, HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
-        BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
-        BLOCK_T=config.block_t, num_warps=config.num_warps)
-    return q_out, k_out
+    return _forward(_last_dim_contiguous(q), _last_dim_contiguous(k), cos, sin, q_gain, config)
 
 
 def qk_norm_rope_backward(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
                           q_gain: Tensor, config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launch: (dq, dk) contiguous in q's/k's dtype, d q_gain (H,) in q_gain's dtype."""
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    dq_out, dk_out = _last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out)
-    B, T, H, D = q.shape
-    h_kv = k.shape[2]
-    dq = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, T, h_kv, D), device=q.device, dtype=k.dtype)
-    if dq.numel() == 0:
-        return dq, dk, torch.zeros_like(q_gain)
-    config, heads, grid = _launch_shape(q, k, config, BWD_CONFIG)
-    # one row of per-head partial sums per (batch, token block): every entry is written
-    partials = torch.empty((B * grid[0], H), device=q.device, dtype=torch.float32)
-    _qk_norm_rope_bwd_kernel[grid](
-        q, k, dq_out, dk_out, dq, dk, cos, sin, q_gain, partials,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), T, H, h_kv, RMS_EPS,
-        HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
-        BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
-        BLOCK_T=config.block_t, num_warps=config.num_warps)
+    dq, dk, partials, _ = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out, q, k)), cos, sin, q_gain,
+                                    config)
     return dq, dk, partials.sum(0).to(q_gain.dtype)
+
+
+def qkv_prep_forward(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
+                     num_kv_heads: int, config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The packed forward launch (no autograd): (q_out, k_out, v, gate_logits), contiguous, in qkv's dtype."""
+    q, k, v, g = _split_packed(_last_dim_contiguous(qkv), num_heads, num_kv_heads)
+    return _forward(q, k, cos, sin, q_gain, config, v=v, g=g, gate_bias=gate_bias)
+
+
+def qkv_prep_backward(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
+                      sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int, num_kv_heads: int,
+                      config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The packed backward launch: d qkv (qkv's shape, contiguous, its dtype), d q_gain, d gate_bias."""
+    qkv = _last_dim_contiguous(qkv)
+    q, k, _, _ = _split_packed(qkv, num_heads, num_kv_heads)
+    d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    _, _, partials, bias_partials = _backward(
+        *(_last_dim_contiguous(t) for t in (dq_out, dk_out)), q, k, cos, sin, q_gain, config,
+        dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv)
+    return d_qkv, partials.sum(0).to(q_gain.dtype), bias_partials.sum(0).to(gate_bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +430,46 @@ def _autograd_backward(ctx, dq_out, dk_out):
 _qk_norm_rope_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("recycore::qkv_prep", mutates_args=())
+def _qkv_prep_op(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
+                 num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return qkv_prep_forward(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads)
+
+
+@_qkv_prep_op.register_fake
+def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads):
+    q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape)
+
+
+@torch.library.custom_op("recycore::qkv_prep_backward", mutates_args=())
+def _qkv_prep_backward_op(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
+                          sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
+                          num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_prep_backward(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads,
+                             num_kv_heads)
+
+
+@_qkv_prep_backward_op.register_fake
+def _(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads):
+    return qkv.new_empty(qkv.shape), q_gain.new_empty(q_gain.shape), gate_bias.new_empty(gate_bias.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, cos, sin, q_gain, gate_bias, ctx.num_heads, ctx.num_kv_heads = inputs
+    ctx.save_for_backward(qkv, cos, sin, q_gain, gate_bias)  # rstd is recomputed from qkv
+
+
+def _packed_autograd_backward(ctx, dq_out, dk_out, dv_out, dg_out):
+    qkv, cos, sin, q_gain, gate_bias = ctx.saved_tensors
+    d_qkv, d_gain, d_bias = _qkv_prep_backward_op(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias,
+                                                  ctx.num_heads, ctx.num_kv_heads)
+    return d_qkv, None, None, d_gain, d_bias, None, None
+
+
+_qkv_prep_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +496,36 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor)
     in q, k and q_gain. cos, sin (T, R/2) as recycore.model.rotary_tables makes them ((T, 0): no rope)."""
     _check_inputs(q, k, cos, sin, q_gain)
     return _qk_norm_rope_op(q, k, cos, sin, q_gain)
+
+
+def qkv_prep(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
+             num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The attention's inputs from one packed projection output qkv (B,T,(H + 2 Hkv) D + H) = [q | k | v |
+    gate logits]: q_out, k_out as `qk_norm_rope` makes them, v (B,T,Hkv,D), gate logits + gate_bias (B,T,H),
+    all contiguous; differentiable in qkv, q_gain and gate_bias. Its backward writes the packed
+    gradient in one pass (no concatenation of the four gradients)."""
+    if qkv.ndim != 3 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be (B,T,N) with a contiguous last dim, got shape {tuple(qkv.shape)} "
+                         f"strides {qkv.stride()}")
+    per_head = qkv.shape[-1] - num_heads
+    if num_heads % num_kv_heads or per_head <= 0 or per_head % (num_heads + 2 * num_kv_heads):
+        raise ValueError(f"qkv's last dim {qkv.shape[-1]} is not (H + 2 Hkv) D + H for H = {num_heads}, "
+                         f"Hkv = {num_kv_heads}")
+    if gate_bias.shape != (num_heads,) or gate_bias.device != qkv.device:
+        raise ValueError(f"gate_bias must be (H,) = ({num_heads},) on qkv's device, got {tuple(gate_bias.shape)} "
+                         f"on {gate_bias.device}")
+    q, k, _, _ = _split_packed(qkv, num_heads, num_kv_heads)
+    _check_inputs(q, k, cos, sin, q_gain)
+    return _qkv_prep_op(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads)
+
+
+def qkv_prep_reference(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
+                       num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Plain torch: the packed output split, qk_norm_rope_reference on q and k, the bias added to the gate
+    logits (in fp32, rounded once to qkv's dtype)."""
+    q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
+    q, k = qk_norm_rope_reference(q, k, cos, sin, q_gain)
+    return q, k, v, (g.float() + gate_bias.float()).to(qkv.dtype)
 
 
 def _apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

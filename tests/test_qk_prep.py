@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import DEVICE, rel_err, requires_cuda
 from recycore.kernels.qk_prep import (RMS_EPS, qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
-                                      qk_norm_rope_reference)
+                                      qk_norm_rope_reference, qkv_prep, qkv_prep_reference)
 
 qk_prep = importlib.import_module("recycore.kernels.qk_prep")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -80,6 +80,76 @@ def test_matches_reference_fp32(shape, nan_empty):
 @pytest.mark.parametrize("shape", [(1, 33, 4, 2, 64, 16), (2, 17, 8, 4, 64, 8)])
 def test_matches_reference_bf16(shape, nan_empty):
     _check(*shape, torch.bfloat16)
+
+
+def _packed_inputs(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0):
+    """A packed [q | k | v | gate] projection output (row_pad > 0: a column slice of a wider buffer, so
+    its rows are further apart than its width), tables, q_gain and the gate's bias."""
+    width = (H + 2 * h_kv) * D + H
+    buffer = 3 * torch.randn(B, T, width + row_pad, device=device, dtype=dtype) + 0.5
+    qkv = buffer[..., :width].detach().requires_grad_()
+    cos, sin = _tables(T, R, device)
+    q_gain = (torch.rand(H, device=device) + 0.5).requires_grad_()
+    gate_bias = torch.randn(H, device=device).requires_grad_()
+    return qkv, cos, sin, q_gain, gate_bias
+
+
+def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_grads=False):
+    qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, dtype, device, row_pad)
+    outs = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv)
+    shapes = [(B, T, H, D), (B, T, h_kv, D), (B, T, h_kv, D), (B, T, H)]
+    assert [tuple(o.shape) for o in outs] == shapes
+    assert all(o.dtype == dtype and o.is_contiguous() for o in outs)
+    if strided_grads:  # gradients in SDPA's (B,H,T,D) layout, the gate's transposed too
+        grads = [torch.randn(B, s[2], T, *s[3:], device=device, dtype=dtype).transpose(1, 2) for s in shapes]
+    else:
+        grads = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    got = torch.autograd.grad(outs, (qkv, q_gain, gate_bias), grads)
+
+    ref_in = [t.detach().double().requires_grad_() for t in (qkv, q_gain, gate_bias)]
+    ref = qkv_prep_reference(ref_in[0], cos.double(), sin.double(), ref_in[1], ref_in[2], H, h_kv)
+    want = torch.autograd.grad(ref, ref_in, [g.double() for g in grads])
+    tol = TOL[dtype]
+    for o, r in zip(outs, ref):
+        assert rel_err(o, r) < tol
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    bounds = [0, H * D, (H + h_kv) * D, (H + 2 * h_kv) * D, qkv.shape[-1]]  # dq, dk, dv, d gate columns
+    for lo, hi in zip(bounds, bounds[1:]):
+        assert rel_err(got[0][..., lo:hi], want[0][..., lo:hi]) < tol
+    assert rel_err(got[1], want[1]) < tol and rel_err(got[2], want[2]) < tol
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_matches_reference_fp32(shape, nan_empty):
+    _check_packed(*shape, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 33, 4, 2, 64, 16), (2, 17, 8, 4, 64, 8)])
+def test_packed_matches_reference_bf16(shape, nan_empty):
+    _check_packed(*shape, torch.bfloat16)
+
+
+def test_packed_strided_input_and_grads(nan_empty):
+    """qkv rows further apart than its width; every output gradient in a transposed layout."""
+    _check_packed(2, 23, 8, 4, 32, 16, torch.float32, row_pad=24, strided_grads=True)
+
+
+def test_packed_is_the_split_op():
+    """q_out, k_out of the packed op equal the view op's on the same projection output, and its d q_gain
+    equals the view op's with the same q/k gradients (one kernel, two launch layouts)."""
+    B, T, H, h_kv, D, R = 2, 21, 8, 4, 64, 16
+    qkv, cos, sin, q_gain, gate_bias = (t.detach() for t in _packed_inputs(B, T, H, h_kv, D, R, torch.float32))
+    q_out, k_out, v, gate = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv)
+    q = qkv[..., :H * D].view(B, T, H, D)
+    k = qkv[..., H * D:(H + h_kv) * D].view(B, T, h_kv, D)
+    assert all(torch.equal(a, b) for a, b in zip((q_out, k_out), qk_norm_rope(q, k, cos, sin, q_gain)))
+    assert torch.equal(v, qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D))
+    g_q, g_k = torch.randn_like(q_out), torch.randn_like(k_out)
+    d_qkv, d_gain, d_bias = qk_prep.qkv_prep_backward(g_q, g_k, torch.zeros_like(v), torch.zeros_like(gate), qkv,
+                                                      cos, sin, q_gain, gate_bias, H, h_kv)
+    dq, dk, d_gain_views = qk_norm_rope_backward(g_q, g_k, q, k, cos, sin, q_gain)
+    assert torch.equal(d_qkv[..., :H * D], dq.flatten(2)) and torch.equal(d_qkv[..., H * D:(H + h_kv) * D], dk.flatten(2))
+    assert torch.equal(d_gain, d_gain_views) and not d_bias.any()
 
 
 def _rotate(x, cos, sin):
@@ -174,6 +244,29 @@ def test_opcheck():
                           (g_q, g_k, q.detach(), k.detach(), cos, sin, q_gain.detach()))
 
 
+def test_opcheck_packed():
+    B, T, H, h_kv, D, R = 1, 5, 4, 2, 32, 8
+    qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, torch.float32)
+    torch.library.opcheck(torch.ops.recycore.qkv_prep.default, (qkv, cos, sin, q_gain, gate_bias, H, h_kv))
+    grads = (torch.randn(B, T, H, D, device=DEVICE), torch.randn(B, T, h_kv, D, device=DEVICE),
+             torch.randn(B, T, h_kv, D, device=DEVICE), torch.randn(B, T, H, device=DEVICE))
+    torch.library.opcheck(torch.ops.recycore.qkv_prep_backward.default,
+                          (*grads, qkv.detach(), cos, sin, q_gain.detach(), gate_bias.detach(), H, h_kv))
+
+
+def test_packed_input_checks():
+    B, T, H, h_kv, D, R = 1, 4, 4, 2, 32, 8
+    qkv, cos, sin, q_gain, gate_bias = (t.detach() for t in _packed_inputs(B, T, H, h_kv, D, R, torch.float32))
+    with pytest.raises(ValueError, match="not \\(H \\+ 2 Hkv\\) D \\+ H"):
+        qkv_prep(qkv[..., :-1], cos, sin, q_gain, gate_bias, H, h_kv)
+    with pytest.raises(ValueError, match="gate_bias must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias[:-1], H, h_kv)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        qkv_prep(qkv.mT.contiguous().mT, cos, sin, q_gain, gate_bias, H, h_kv)
+    with pytest.raises(ValueError, match="q_gain"):
+        qkv_prep(qkv, cos, sin, q_gain[:-1], gate_bias, H, h_kv)
+
+
 def test_torch_compile_fullgraph():
     """The op inside a compiled function (views of a projection output in, a loss out)."""
     B, T, H, h_kv, D, R = 1, 19, 4, 2, 32, 8
@@ -191,6 +284,29 @@ def test_torch_compile_fullgraph():
     eager_grads = torch.autograd.grad(eager_loss, (qkv, q_gain))
     loss = compiled(qkv, cos, sin, q_gain)
     grads = torch.autograd.grad(loss, (qkv, q_gain))
+    assert rel_err(loss, eager_loss) < 1e-5
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) < 1e-5
+
+
+def test_packed_torch_compile_fullgraph():
+    """The packed op after a projection inside a compiled function, a loss of all four outputs."""
+    B, T, H, h_kv, D, R = 1, 19, 4, 2, 32, 8
+    qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, torch.float32)
+    w = torch.randn(qkv.shape[-1], qkv.shape[-1], device=DEVICE, requires_grad=True)
+
+    def f(x, w, q_gain, gate_bias):
+        q, k, v, gate = qkv_prep(x @ w.t(), cos, sin, q_gain, gate_bias, H, h_kv)
+        return (q.square().mean(-1) * k.repeat_interleave(H // h_kv, 2).sum(-1)).sum() + (v * v).sum() \
+            + gate.sigmoid().sum()
+
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    inputs = (qkv, w, q_gain, gate_bias)
+    eager_loss = f(*inputs)
+    eager_grads = torch.autograd.grad(eager_loss, inputs)
+    loss = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
     assert rel_err(loss, eager_loss) < 1e-5
     for g, e in zip(grads, eager_grads):
         assert rel_err(g, e) < 1e-5
@@ -216,6 +332,11 @@ def test_input_checks():
 @pytest.mark.parametrize("B", [4, 8])
 def test_seed_shape_bf16_cuda(B):
     _check(B, 2048, 8, 4, 64, 16, torch.bfloat16, device=torch.device("cuda"))
+
+
+@requires_cuda
+def test_packed_seed_shape_bf16_cuda():
+    _check_packed(8, 2048, 8, 4, 64, 16, torch.bfloat16, device=torch.device("cuda"))
 
 
 @requires_cuda

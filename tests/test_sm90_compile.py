@@ -118,6 +118,19 @@ def _qk_prep(direction):
         _body(qk_prep._qk_norm_rope_backward_op)(_empty(*q.shape), _empty(*k.shape), q, k, cos, sin, q_gain)
 
 
+def _qkv_prep(direction):
+    """K4 q/k prep on the packed [q | k | v | gate] projection output (the model's training path)."""
+    qkv = _empty(BATCH, T, (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS)
+    cos = sin = _empty(T, SEED.rope_dims // 2, dtype=torch.float32)
+    q_gain, gate_bias = _empty(HEADS, dtype=torch.float32), _empty(HEADS, dtype=torch.float32)
+    if direction == "fwd":
+        _body(qk_prep._qkv_prep_op)(qkv, cos, sin, q_gain, gate_bias, HEADS, KV_HEADS)
+    else:
+        grads = (_empty(BATCH, T, HEADS, HEAD_DIM), _empty(BATCH, T, KV_HEADS, HEAD_DIM),
+                 _empty(BATCH, T, KV_HEADS, HEAD_DIM), _empty(BATCH, T, HEADS))
+        _body(qk_prep._qkv_prep_backward_op)(*grads, qkv, cos, sin, q_gain, gate_bias, HEADS, KV_HEADS)
+
+
 # The int5 model's packed matrices (c_v is shaped as c_k, attn.proj as c_q): (out, in, activation)
 INT5_MATRICES = {
     "c_q": (D, D, None),
@@ -180,6 +193,7 @@ def _scenarios():
     s["attention-bwd-one-pass"] = _attention_one_pass, ["_attn_bwd_dkdv_kernel"]
     for direction in ("fwd", "bwd"):
         s[f"qk_prep-{direction}"] = partial(_qk_prep, direction), [f"_qk_norm_rope_{direction}_kernel"]
+        s[f"qkv_prep-{direction}"] = partial(_qkv_prep, direction), [f"_qk_norm_rope_{direction}_kernel"]
     for matrix in INT5_MATRICES:  # the int5 model's evaluation
         s[f"int5-{matrix}-M{EVAL_ROWS}"] = partial(_int5, matrix, EVAL_ROWS), [_large_m_kernel(matrix)]
     for matrix in ("c_q", "mlp.fc", "mlp.proj"):  # small M: the template (splitk, its split rows summed in
