@@ -151,22 +151,19 @@ class CausalSelfAttention(nn.Module):
                 v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, T, _ = u.shape
         cfg = self.cfg
-        q, k, v = ops.qkv_projection(u, q_w, k_w, v_w, cfg.kernels)
-        q = q.reshape(B, T, self.num_heads, self.head_dim)
-        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        # q, k, v = u W_q^T, u W_k^T, u W_v^T split into heads; q, k = rms(q), rms(k); partial RoPE on
+        # the first rope_dims dims; q *= q_gain[h]; the head gate's logits u W_g^T + b_g
+        cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, u.device)
+        gate = self.attn_gate
+        q, k, v, gate_logits = ops.attention_inputs(
+            u, q_w, k_w, v_w, None if gate is None else gate.weight, None if gate is None else gate.bias,
+            cos, sin, self.q_gain, self.num_heads, self.num_kv_heads, cfg.kernels)
         if v_embed is not None:
-            v = v + v_embed
-        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+            v = v + v_embed.view_as(v)
         raw_v = v
         if cfg.value_residual and v0 is not None:
             lam = self.vr_lambda.to(v.dtype)
             v = lam[0] * v0 + lam[1] * v
-        # q, k = rms(q), rms(k); partial RoPE on the first rope_dims dims; q *= q_gain[h]
-        cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, u.device)
-        q, k = ops.qk_norm_rope(q, k, cos, sin, self.q_gain, cfg.kernels)
-        gate_logits = None
-        if self.attn_gate is not None:
-            gate_logits = ops.linear(u, self.attn_gate.weight, self.attn_gate.bias)
         y = ops.gated_xsa_attention(q, k, v, gate_logits, self.use_xsa, cfg.kernels)
         return ops.linear(y.reshape(B, T, -1), out_w), raw_v
 

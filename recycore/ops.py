@@ -42,16 +42,6 @@ def linear(x: Tensor, w: Tensor | Int5Linear, b: Tensor | None = None) -> Tensor
     return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
-def qkv_projection(u: Tensor, w_q, w_k, w_v, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(u W_q^T, u W_k^T, u W_v^T). Fused: one GEMM on the stacked weights (one wide GEMM instead of
-    three narrow ones, and one input-gradient GEMM in backward); q and k come back as views of its
-    output, which qk_norm_rope reads as they are."""
-    if fused(kernels, u) and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
-        qkv = F.linear(u, torch.cat((w_q, w_k, w_v)).to(u.dtype))
-        return qkv.split((w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
-    return linear(u, w_q), linear(u, w_k), linear(u, w_v)
-
-
 def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
     """q, k = rms(q), rms(k) over head_dim; partial RoPE (tables cos, sin (T, rope_dims/2)); q *= q_gain."""
     if fused(kernels, q):
@@ -60,6 +50,29 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor,
             q, k = q.to(dtype), k.to(dtype)
         return qk_kernels.qk_norm_rope(q, k, cos, sin, q_gain)
     return qk_kernels.qk_norm_rope_reference(q, k, cos, sin, q_gain)
+
+
+def attention_inputs(u: Tensor, w_q, w_k, w_v, gate_w: Tensor | None, gate_b: Tensor | None, cos: Tensor,
+                     sin: Tensor, q_gain: Tensor, num_heads: int, num_kv_heads: int,
+                     kernels: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The attention's inputs from its normed input u (B,T,d): q = rope(rms(u W_q^T)) * q_gain (B,T,H,D),
+    k = rope(rms(u W_k^T)) (B,T,Hkv,D), v = u W_v^T (B,T,Hkv,D), gate logits u W_g^T + b_g (B,T,H) or None
+    (no gate); rms over head_dim, partial RoPE by the tables cos, sin (T, rope_dims/2).
+    Fused, with dense weights and a gate: one GEMM on the stacked weights [W_q; W_k; W_v; W_g] (one wide
+    GEMM instead of four, one input- and one weight-gradient GEMM in backward) and `qkv_prep`, which reads
+    its packed output as it is and writes the packed gradient in one pass."""
+    dense = not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v))
+    if fused(kernels, u) and dense and gate_w is not None:
+        qkv = F.linear(u, torch.cat((w_q, w_k, w_v, gate_w)).to(u.dtype))
+        return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads)
+    if fused(kernels, u) and dense:  # one GEMM for q, k, v; q and k go to the op as views of its output
+        q, k, v = F.linear(u, torch.cat((w_q, w_k, w_v)).to(u.dtype)).split(
+            (w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
+    else:
+        q, k, v = linear(u, w_q), linear(u, w_k), linear(u, w_v)
+    q, k, v = q.unflatten(-1, (num_heads, -1)), k.unflatten(-1, (num_kv_heads, -1)), v.unflatten(-1, (num_kv_heads, -1))
+    q, k = qk_norm_rope(q, k, cos, sin, q_gain, kernels)
+    return q, k, v, None if gate_w is None else linear(u, gate_w, gate_b)
 
 
 def softcap_logits(x: Tensor, weight: Tensor, cap: float) -> Tensor:
