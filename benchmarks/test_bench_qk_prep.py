@@ -163,6 +163,31 @@ def main():
     outs = mod.qk_norm_rope(q, k, cos, sin, q_gain)
     errs = [((o.double() - r).norm() / r.norm()).item() for o, r in zip(outs, ref)]
     print(f"\nours vs float64 reference: rel err q_out {errs[0]:.2e}, k_out {errs[1]:.2e}")
+    packed_vs_views(mod)
+
+
+def packed_vs_views(mod):
+    """The gradient of the whole projection output, two ways: `qkv_prep` on the packed [q | k | v | gate]
+    output (one kernel writes it) against `qk_norm_rope` on views of a [q | k | v] output, where autograd
+    concatenates dq, dk and dv (the gate then has its own projection, not counted here)."""
+    B, T, H, h_kv, D, R = SEED_SHAPE
+    _, _, cos, sin, q_gain = make_inputs(*SEED_SHAPE, requires_grad=True)
+    bias = torch.zeros(H, device=DEVICE, requires_grad=True)
+    packed = torch.randn(B, T, (H + 2 * h_kv) * D + H, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    views = torch.randn(B, T, (H + 2 * h_kv) * D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    shapes = [(B, T, H, D), (B, T, h_kv, D), (B, T, h_kv, D), (B, T, H)]
+    grads = [torch.randn(s, device=DEVICE, dtype=torch.bfloat16) for s in shapes]
+
+    def run_packed():
+        torch.autograd.grad(mod.qkv_prep(packed, cos, sin, q_gain, bias, H, h_kv), (packed, q_gain, bias), grads)
+
+    def run_views():
+        q, k, v = views.split((H * D, h_kv * D, h_kv * D), dim=-1)
+        q_out, k_out = mod.qk_norm_rope(q.unflatten(-1, (H, D)), k.unflatten(-1, (h_kv, D)), cos, sin, q_gain)
+        torch.autograd.grad((q_out, k_out, v.unflatten(-1, (h_kv, D))), (views, q_gain), grads[:3])
+    print(f"\n{'d(projection output), fwd+bwd':<44}{'ms':>8}")
+    for name, fn in (("qkv_prep, packed", run_packed), ("qk_norm_rope on views + autograd's cat", run_views)):
+        print(f"{name:<44}{_ms(fn):8.4f}")
 
 
 if __name__ == "__main__":
