@@ -14,10 +14,13 @@ Kernels
   position summed over the group's heads) and delta = rowsum(dO*O), one program per kv head so the
   group sum needs no atomics. Also the backward of the standalone `xsa_gate` epilogue.
 - `_attn_bwd_dkdv_kernel`: dK, dV of one key block summed over the group's query heads (no atomics),
-  plus the XSA term of dv; `_attn_bwd_dq_kernel`: dQ of one query block.
+  plus the XSA term of dv; `_attn_bwd_dq_kernel`: dQ of one query block. With one_pass the dK/dV
+  kernel also adds its key block's share of dQ into an fp32 buffer (atomics) and the dQ kernel, which
+  recomputes QK^T and dP, does not run: 5 matmuls instead of 7.
 
 `xsa_gate` (+ `_xsa_gate_fwd_kernel`) is the same epilogue as a stand-alone op, to put around any
-attention core (SDPA/cuDNN); `attention(..., impl=)` dispatches between the two paths.
+attention core (SDPA/cuDNN); `attention(..., impl=)` dispatches between the Triton kernels (two- or
+one-pass backward) and that path, "auto" by measurement.
 """
 import math
 
@@ -42,10 +45,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FWD_CONFIG = (64, 64, 4, 3, True)
 DKDV_CONFIG = (32, 128, 4, 3, False)
 DQ_CONFIG = (64, 64, 4, 3, False)
+# the one-pass backward's dK/dV tile: 8 warps, where the two-pass one's 4 would spill (benchmarks/README.md)
+ONE_PASS_DKDV_CONFIG = (32, 128, 8, 3, True)
 EPILOGUE_BLOCK_M = 64
 # every program-tile step costs ~5 ms in the interpreter: few, small tiles
-INTERPRET_CONFIGS = dict(fwd=(32, 32, 4, 1, True), dkdv=(32, 32, 4, 1, False), dq=(32, 32, 4, 1, False), epilogue_block_m=32)
-GPU_CONFIGS = dict(fwd=FWD_CONFIG, dkdv=DKDV_CONFIG, dq=DQ_CONFIG, epilogue_block_m=EPILOGUE_BLOCK_M)
+INTERPRET_CONFIGS = dict(fwd=(32, 32, 4, 1, True), dkdv=(32, 32, 4, 1, False), dkdv_one_pass=(32, 32, 4, 1, True),
+                         dq=(32, 32, 4, 1, False), epilogue_block_m=32)
+GPU_CONFIGS = dict(fwd=FWD_CONFIG, dkdv=DKDV_CONFIG, dkdv_one_pass=ONE_PASS_DKDV_CONFIG, dq=DQ_CONFIG,
+                   epilogue_block_m=EPILOGUE_BLOCK_M)
 
 
 def _configs(t):
@@ -559,12 +566,13 @@ def _xsa_gate_forward(o, v, gate_logits, xsa):
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("recycore::gated_xsa_attention", mutates_args=())
 def _gated_xsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor,
-                            xsa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            xsa: bool, one_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """one_pass: which backward the autograd formula runs (the forward is the same)."""
     return _attention_forward(q, k, v, gate_logits, xsa)
 
 
 @_gated_xsa_attention_op.register_fake
-def _(q, k, v, gate_logits, xsa):
+def _(q, k, v, gate_logits, xsa, one_pass=False):
     B, T, H, D = q.shape
     y = q.new_empty((B, T, H, D))
     return y, torch.empty_like(y), q.new_empty((B, H, T), dtype=torch.float32)
@@ -573,12 +581,15 @@ def _(q, k, v, gate_logits, xsa):
 @torch.library.custom_op("recycore::gated_xsa_attention_backward", mutates_args=())
 def _gated_xsa_attention_backward_op(
         dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor,
-        o: torch.Tensor, lse: torch.Tensor, xsa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa)
+        o: torch.Tensor, lse: torch.Tensor, xsa: bool,
+        one_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """one_pass: dQ summed by the dK/dV kernel (its one-pass tile), else the two kernels."""
+    return _attention_backward(dy, q, k, v, gate_logits, o, lse, xsa,
+                               dkdv_config=_configs(q)["dkdv_one_pass"] if one_pass else None)
 
 
 @_gated_xsa_attention_backward_op.register_fake
-def _(dy, q, k, v, gate_logits, o, lse, xsa):
+def _(dy, q, k, v, gate_logits, o, lse, xsa, one_pass=False):
     B, T, H, D = q.shape
     kv_shape = (B, T, k.shape[2], D)
     return (q.new_empty((B, T, H, D)), k.new_empty(kv_shape), k.new_empty(kv_shape),
@@ -586,17 +597,17 @@ def _(dy, q, k, v, gate_logits, o, lse, xsa):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, gate_logits, xsa = inputs
+    q, k, v, gate_logits, xsa, one_pass = inputs
     _, o, lse = output
     ctx.mark_non_differentiable(o, lse)  # saved for backward, not part of the result
     ctx.save_for_backward(q, k, v, gate_logits, o, lse)
-    ctx.xsa = xsa
+    ctx.xsa, ctx.one_pass = xsa, one_pass
 
 
 def _attention_autograd_backward(ctx, dy, _do, _dlse):
     q, k, v, gate_logits, o, lse = ctx.saved_tensors
-    dq, dk, dv, dg = _gated_xsa_attention_backward_op(dy, q, k, v, gate_logits, o, lse, ctx.xsa)
-    return dq, dk, dv, dg, None
+    dq, dk, dv, dg = _gated_xsa_attention_backward_op(dy, q, k, v, gate_logits, o, lse, ctx.xsa, ctx.one_pass)
+    return dq, dk, dv, dg, None, None
 
 
 _gated_xsa_attention_op.register_autograd(_attention_autograd_backward, setup_context=_attention_setup_context)
@@ -644,9 +655,10 @@ _xsa_gate_op.register_autograd(_xsa_gate_autograd_backward, setup_context=_xsa_g
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def gated_xsa_attention(q, k, v, gate_logits, xsa: bool):
-    """Fused Triton causal GQA attention + XSA + sigmoid gate; q (B,T,H,D), k, v (B,T,Hkv,D), g (B,T,H)."""
-    return _gated_xsa_attention_op(q, k, v, gate_logits, bool(xsa))[0]
+def gated_xsa_attention(q, k, v, gate_logits, xsa: bool, one_pass: bool = False):
+    """Fused Triton causal GQA attention + XSA + sigmoid gate; q (B,T,H,D), k, v (B,T,Hkv,D), g (B,T,H).
+    one_pass: the backward in one kernel (dQ summed into an fp32 buffer by atomics: not in a fixed order)."""
+    return _gated_xsa_attention_op(q, k, v, gate_logits, bool(xsa), bool(one_pass))[0]
 
 
 def xsa_gate(o, v, gate_logits, xsa: bool):
@@ -693,7 +705,7 @@ def gated_xsa_attention_reference(q, k, v, gate_logits, xsa: bool):
 # Dispatch: "auto" takes whichever fused path measured faster, forward + backward, on the shapes and
 # layouts the caller passes (the order depends on both), once per signature and device, cached.
 # ----------------------------------------------------------------------------------------------
-FUSED_IMPLS = ("triton", "sdpa_fused")
+FUSED_IMPLS = ("triton", "triton_one_pass", "sdpa_fused")
 UNMEASURED_IMPL = "sdpa_fused"  # when no measurement can run (inside a trace or a graph capture)
 _CHOICES: dict = {}  # signature -> {"impl": ..., "ms": {impl: ms}}
 
@@ -754,18 +766,19 @@ def measured_choices() -> list[dict]:
 
 
 def attention(q, k, v, gate_logits, xsa: bool, impl: str = "auto"):
-    """Gated XSA attention by `impl`: "triton" (fully fused), "sdpa_fused" (SDPA core + fused Triton
-    epilogue), "reference", or "auto" (on CUDA the one measured faster for these shapes and layouts,
-    see `choose_impl`; the reference on the CPU)."""
+    """Gated XSA attention by `impl`: "triton" (fully fused), "triton_one_pass" (the same with its
+    one-kernel backward), "sdpa_fused" (SDPA core + fused Triton epilogue), "reference", or "auto" (on
+    CUDA the fused one measured fastest for these shapes and layouts, see `choose_impl`; the reference
+    on the CPU)."""
     if impl == "auto":
         impl = choose_impl(q, k, v, gate_logits, xsa) if q.is_cuda else "reference"
-    if impl == "triton":
+    if impl in ("triton", "triton_one_pass"):
         if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (norms may give fp32)
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return gated_xsa_attention(q, k, v, gate_logits, xsa)
+        return gated_xsa_attention(q, k, v, gate_logits, xsa, one_pass=impl == "triton_one_pass")
     if impl == "sdpa_fused":
         return xsa_gate(_sdpa_core(q, k, v), v, gate_logits, xsa)
     if impl == "reference":
         return gated_xsa_attention_reference(q, k, v, gate_logits, xsa)
-    raise ValueError(f"impl must be 'auto', 'triton', 'sdpa_fused' or 'reference', got {impl!r}")
+    raise ValueError(f"impl must be 'auto', {', '.join(repr(i) for i in FUSED_IMPLS)} or 'reference', got {impl!r}")

@@ -94,7 +94,7 @@ def test_xsa_gate_zero_value_vector():
     _check_against_reference(xsa_gate, xsa_gate_reference, [o, v, g], torch.float32, xsa=True)
 
 
-@pytest.mark.parametrize("impl", ["triton", "sdpa_fused", "reference", "auto"])
+@pytest.mark.parametrize("impl", ["triton", "triton_one_pass", "sdpa_fused", "reference", "auto"])
 def test_dispatcher(impl):
     inputs = _inputs(1, 40, 4, 2, 16, torch.float32)
     _check_against_reference(lambda *a, xsa: attention(*a, xsa, impl=impl), gated_xsa_attention_reference, inputs,
@@ -160,14 +160,30 @@ def test_gqa_packed_and_per_head_tiles(pack_gqa, one_pass):
 
 
 @pytest.mark.parametrize("one_pass", [False, True])
-def test_opcheck_attention(one_pass, monkeypatch):
-    for configs in (attn.INTERPRET_CONFIGS, attn.GPU_CONFIGS):  # the backward's dK/dV config, one- or two-pass
-        monkeypatch.setitem(configs, "dkdv", configs["dkdv"][:4] + (one_pass,))
+def test_opcheck_attention(one_pass):
     q, k, v, g = _inputs(1, 20, 2, 1, 16, torch.float32)
-    torch.library.opcheck(attn._gated_xsa_attention_op, (q, k, v, g, True))
+    torch.library.opcheck(attn._gated_xsa_attention_op, (q, k, v, g, True, one_pass))
     q, k, v, g = (t.detach() for t in (q, k, v, g))  # no double backward: the backward op alone
-    _, o, lse = attn._gated_xsa_attention_op(q, k, v, g, True)
-    torch.library.opcheck(attn._gated_xsa_attention_backward_op, (torch.randn_like(q), q, k, v, g, o, lse, True))
+    _, o, lse = attn._gated_xsa_attention_op(q, k, v, g, True, one_pass)
+    torch.library.opcheck(attn._gated_xsa_attention_backward_op,
+                          (torch.randn_like(q), q, k, v, g, o, lse, True, one_pass))
+
+
+def test_one_pass_impl_runs_the_one_pass_backward(monkeypatch):
+    """impl="triton_one_pass" reaches the backward with the one-pass dK/dV config (and "triton" with the
+    default), and both give the reference's gradients."""
+    configs = []
+    real = attn._attention_backward
+    monkeypatch.setattr(attn, "_attention_backward",
+                        lambda *a, **kw: configs.append(kw.get("dkdv_config")) or real(*a, **kw))
+    q, k, v, g = _inputs(2, 37, 4, 2, 32, torch.float32)
+    dy = torch.randn_like(q)
+    ref = torch.autograd.grad(gated_xsa_attention_reference(q, k, v, g, True), (q, k, v, g), dy)
+    for impl in ("triton", "triton_one_pass"):
+        grads = torch.autograd.grad(attention(q, k, v, g, True, impl=impl), (q, k, v, g), dy)
+        for got, want in zip(grads, ref):
+            assert rel_err(got, want) < 1e-4, impl
+    assert configs == [None, attn._configs(q)["dkdv_one_pass"]] and configs[1][4] is True
 
 
 def test_opcheck_xsa_gate():

@@ -89,11 +89,10 @@ def _attention(direction, xsa):
 
 
 def _attention_one_pass():
-    """K2's backward with dQ summed by the dK/dV kernel (a contender of the benchmark's sweep)."""
+    """K2's backward with dQ summed by the dK/dV kernel (impl "triton_one_pass", one of "auto"'s choices)."""
     q, k, v, g = _attention_inputs()
     o, lse = _empty(*q.shape), _empty(BATCH, HEADS, T, dtype=torch.float32)
-    config = attention.GPU_CONFIGS["dkdv"][:4] + (True,)
-    attention._attention_backward(_empty(*q.shape), q, k, v, g, o, lse, True, dkdv_config=config)
+    _body(attention._gated_xsa_attention_backward_op)(_empty(*q.shape), q, k, v, g, o, lse, True, True)
 
 
 def _xsa_gate(direction, xsa):
