@@ -147,8 +147,9 @@ class CausalSelfAttention(nn.Module):
         if cfg.value_residual:
             self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, u: Tensor, q_w: Tensor, k_w: Tensor, v_w: Tensor, out_w: Tensor,
+    def forward(self, u: Tensor, q_w: Tensor, k_w: Tensor, v_w: Tensor, out_w: Tensor, out_scale: Tensor,
                 v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(out_scale * Attn(u), u's raw values v before the value residual)."""
         B, T, _ = u.shape
         cfg = self.cfg
         # q, k, v = u W_q^T, u W_k^T, u W_v^T split into heads; q, k = rms(q), rms(k); partial RoPE on
@@ -165,7 +166,7 @@ class CausalSelfAttention(nn.Module):
             lam = self.vr_lambda.to(v.dtype)
             v = lam[0] * v0 + lam[1] * v
         y = ops.gated_xsa_attention(q, k, v, gate_logits, self.use_xsa, cfg.kernels)
-        return ops.linear(y.reshape(B, T, -1), out_w), raw_v
+        return ops.scaled_linear(y.reshape(B, T, -1), out_w, out_scale, cfg.kernels), raw_v
 
 
 def layer_norm_scale(cfg: Config, layer_idx: int) -> float:
@@ -193,10 +194,11 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
         u = ops.rms_norm(x_in) * self.ln_scale
-        a, raw_v = self.attn(u, q_w, k_w, v_w, out_w, v_embed=v_embed, v0=v0)
-        x = x_in + self.attn_scale.to(x.dtype) * a
+        # the scales multiply the attention's and the MLP's outputs (folded into their last weights, fused)
+        a, raw_v = self.attn(u, q_w, k_w, v_w, out_w, self.attn_scale.to(x.dtype), v_embed=v_embed, v0=v0)
+        x = x_in + a
         mlp_in = u if self.parallel_residual else ops.rms_norm(x) * self.ln_scale
-        x = x + self.mlp_scale.to(x.dtype) * ops.leaky_relu2_mlp(mlp_in, up_w, down_w, self.cfg.kernels)
+        x = x + ops.leaky_relu2_mlp(mlp_in, up_w, down_w, self.cfg.kernels, out_scale=self.mlp_scale.to(x.dtype))
         return x, raw_v
 
 

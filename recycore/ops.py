@@ -42,6 +42,21 @@ def linear(x: Tensor, w: Tensor | Int5Linear, b: Tensor | None = None) -> Tensor
     return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
+def _folds_scale(kernels: str, x: Tensor, w) -> bool:
+    """Whether an output scale is folded into w's rows: (x W^T) * s = x (s W)^T, the same product with the
+    scale applied to the (small) weight instead of the (M x N) output. Backward then needs no pass over
+    the output's gradient for the scale and no column sum over the M rows for its gradient (a sum over
+    the weight instead); the rounding moves from the output to the weight. Fused kernels, dense weights."""
+    return fused(kernels, x) and not isinstance(w, Int5Linear)
+
+
+def scaled_linear(x: Tensor, w: Tensor | Int5Linear, scale: Tensor, kernels: str) -> Tensor:
+    """scale * (x @ w^T), scale (N,) per output feature; folded into w where `_folds_scale` says."""
+    if _folds_scale(kernels, x, w):
+        return F.linear(x, (w * scale[:, None]).to(x.dtype))
+    return scale * linear(x, w)
+
+
 def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
     """q, k = rms(q), rms(k) over head_dim; partial RoPE (tables cos, sin (T, rope_dims/2)); q *= q_gain."""
     if fused(kernels, q):
@@ -87,16 +102,22 @@ def softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, cap: float
     return head_kernels.softcap_cross_entropy_reference(x, weight, targets, cap)
 
 
-def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5Linear, kernels: str) -> Tensor:
-    """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (K1). A packed W_up applies the activation in
-    K3's epilogue; W_down then goes through `linear`."""
+def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5Linear, kernels: str,
+                    out_scale: Tensor | None = None) -> Tensor:
+    """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (K1), times out_scale (d,) per output feature if given
+    (folded into W_down where `_folds_scale` says). A packed W_up applies the activation in K3's epilogue;
+    W_down then goes through `linear`."""
     if isinstance(w_up, Int5Linear):
-        return linear(_packed_linear(u, w_up, activation="leaky_relu2"), w_down)
-    if isinstance(w_down, Int5Linear):
-        return linear(F.leaky_relu(linear(u, w_up), negative_slope=0.5).square(), w_down)
-    if fused(kernels, u):
-        return mlp_kernels.leaky_relu2_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype))
-    return mlp_kernels.leaky_relu2_mlp_reference(u, w_up, w_down)
+        out = linear(_packed_linear(u, w_up, activation="leaky_relu2"), w_down)
+    elif isinstance(w_down, Int5Linear):
+        out = linear(F.leaky_relu(linear(u, w_up), negative_slope=0.5).square(), w_down)
+    elif fused(kernels, u):
+        if out_scale is not None:  # folded: nothing left to scale
+            w_down, out_scale = w_down * out_scale[:, None], None
+        out = mlp_kernels.leaky_relu2_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype))
+    else:
+        out = mlp_kernels.leaky_relu2_mlp_reference(u, w_up, w_down)
+    return out if out_scale is None else out_scale * out
 
 
 def gated_xsa_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor | None, use_xsa: bool,

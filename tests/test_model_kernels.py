@@ -1,6 +1,7 @@
 """The model with kernels="fused" computes what the reference model computes
 (forward and gradients), on the GPU or under the CPU interpreter."""
 import torch
+import torch.nn.functional as F
 from helpers import DEVICE, rel_err, requires_cuda
 
 from recycore.config import Config
@@ -72,3 +73,50 @@ def test_fused_model_prepares_attention_inputs_in_one_packed_op(monkeypatch):
     x = torch.randint(0, cfg.vocab_size, (1, 16), device=DEVICE)
     _loss_and_grads(fused, x, x)
     assert calls == {"qkv_prep": cfg.num_layers + len(cfg.recycle_layers) * cfg.recycle_repeats, "qk_norm_rope": 0}
+
+
+def test_output_scales_are_folded_into_the_last_weights():
+    """Fused, attn_scale and mlp_scale multiply W_o's and W_down's rows instead of the block's outputs: in
+    the block's backward graph the only sums over the token dims are resid_mix's (two), where the
+    reference sums over them for each scale too; values and gradients agree with the scaled outputs."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from recycore import ops
+
+    def token_sums(kernels):
+        cfg = Config(**TINY, train_seq_len=64).replace(kernels=kernels)
+        torch.manual_seed(0)
+        model = GPT(cfg).to(DEVICE)
+        graphs = []
+
+        def backend(gm, example_inputs):
+            def keep(graph, _):
+                graphs.append(graph)
+                return make_boxed_func(graph.forward)
+            return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+        x, x0 = (torch.randn(1, 16, cfg.model_dim, device=DEVICE, requires_grad=True) for _ in range(2))
+        block = torch.compile(model.blocks[0], backend=backend, fullgraph=True)
+        out, _ = block(x, x0, *model.bank_weights(0))
+        out.sum().backward()
+        backward = graphs[-1].graph
+        return sum(1 for n in backward.nodes if n.target == torch.ops.aten.sum.dim_IntList
+                   and sorted(n.args[1]) == [0, 1])
+    assert token_sums("fused") == 2 and token_sums("reference") == 4
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32, device=DEVICE)
+    w, scale = torch.randn(24, 32, device=DEVICE, requires_grad=True), torch.rand(24, device=DEVICE, requires_grad=True)
+    w_down = torch.randn(32, 24, device=DEVICE, requires_grad=True)
+    for kernels in ("fused", "reference"):
+        y = ops.scaled_linear(x, w, scale, kernels)
+        y2 = ops.leaky_relu2_mlp(x, w, w_down, kernels, out_scale=scale[:8].repeat(4))
+        want = scale * F.linear(x, w)
+        want2 = scale[:8].repeat(4) * F.linear(F.leaky_relu(F.linear(x, w), 0.5).square(), w_down)
+        dy, dy2 = torch.randn_like(y), torch.randn_like(y2)
+        params = (w, scale, w_down)
+        got = torch.autograd.grad((y, y2), params, (dy, dy2))
+        ref = torch.autograd.grad((want, want2), params, (dy, dy2))
+        assert rel_err(y, want) < 1e-5 and rel_err(y2, want2) < 1e-5, kernels
+        for g, r in zip(got, ref):
+            assert rel_err(g, r) < 1e-5, kernels
