@@ -72,16 +72,6 @@ def _check(B, T, H, h_kv, D, R, dtype, device=DEVICE):
     assert rel_err(d_gain, ref_d_gain) < tol
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference_fp32(shape, nan_empty):
-    _check(*shape, torch.float32)
-
-
-@pytest.mark.parametrize("shape", [(1, 33, 4, 2, 64, 16), (2, 17, 8, 4, 64, 8)])
-def test_matches_reference_bf16(shape, nan_empty):
-    _check(*shape, torch.bfloat16)
-
-
 def _packed_inputs(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0):
     """A packed [q | k | v | gate] projection output (row_pad > 0: a column slice of a wider buffer, so
     its rows are further apart than its width), tables, q_gain and the gate's bias."""
@@ -119,14 +109,19 @@ def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_
     assert rel_err(got[1], want[1]) < tol and rel_err(got[2], want[2]) < tol
 
 
+CHECKS = {"views": _check, "packed": _check_packed}  # qk_norm_rope on q/k views, qkv_prep on the whole output
+
+
+@pytest.mark.parametrize("layout", CHECKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_packed_matches_reference_fp32(shape, nan_empty):
-    _check_packed(*shape, torch.float32)
+def test_matches_reference_fp32(shape, layout, nan_empty):
+    CHECKS[layout](*shape, torch.float32)
 
 
+@pytest.mark.parametrize("layout", CHECKS)
 @pytest.mark.parametrize("shape", [(1, 33, 4, 2, 64, 16), (2, 17, 8, 4, 64, 8)])
-def test_packed_matches_reference_bf16(shape, nan_empty):
-    _check_packed(*shape, torch.bfloat16)
+def test_matches_reference_bf16(shape, layout, nan_empty):
+    CHECKS[layout](*shape, torch.bfloat16)
 
 
 def test_packed_strided_input_and_grads(nan_empty):
