@@ -1,7 +1,8 @@
 """Every Triton kernel compiled offline for Hopper (sm_90, through ptxas) as the launchers launch it on
 the GPU at the seed's shapes (bf16; d 512, h 1536, 8 heads, 4 kv heads, head_dim 64, T 2048, vocab
 1024). The CPU interpreter runs a kernel's Python, so it misses what only the GPU compiler rejects
-(a name bound in a run-time `if` and read after it, ...) and shared memory past an SM's 227 KB.
+(a name bound in a run-time `if` and read after it, ...), shared memory past an SM's 227 KB, and
+registers spilled to the stack (cuobjdump's resource usage of the cubin).
 
 Nothing here restates a launcher: each scenario runs the real launch code (the custom ops' bodies,
 which call the launchers) on meta tensors, which take the GPU paths (UPCAST off, the GPU configs and
@@ -12,6 +13,9 @@ num_stages) and compiled for sm_90 by a worker process without TRITON_INTERPRET,
 disk cache. The whole module skips where Triton has no ptxas.
 """
 import multiprocessing
+import os
+import re
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
@@ -26,7 +30,7 @@ try:
     from triton.runtime.jit import JITFunction, create_function_from_signature
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    assert triton.knobs.nvidia.ptxas.path  # raises when Triton finds no ptxas
+    assert triton.knobs.nvidia.ptxas.path and triton.knobs.nvidia.cuobjdump.path  # raise when Triton has neither
     TARGET = GPUTarget("cuda", 90, 32)
     BACKEND = make_backend(TARGET)
 except Exception as error:  # any missing piece of the offline CUDA toolchain
@@ -38,6 +42,12 @@ from recycore.kernels import attention, gemm, head, int5, mlp, qk_prep
 
 KERNEL_MODULES = (gemm, mlp, attention, qk_prep, int5, head)
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+# (scenario, kernel) -> the bytes of stack per thread (spilled registers) its sm_90 build has, and measured
+# fastest with all the same (benchmarks/README.md: K1's tiled d_pre epilogue at 128x256, K2's two-pass dK/dV
+# tile): a bound, so they spill no more; every other kernel must not spill at all
+KNOWN_SPILLS = {("mlp-tiled-bwd", "_gemm_kernel"): 48, ("mlp-tiled-sign-bwd", "_gemm_kernel"): 16,
+                ("attention-bwd-xsa1", "_attn_bwd_dkdv_kernel"): 232,
+                ("attention-bwd-xsa0", "_attn_bwd_dkdv_kernel"): 216}
 H200_SMS = 132
 META, CUDA = torch.device("meta"), torch.device("cuda")
 BF16 = torch.bfloat16
@@ -306,10 +316,21 @@ def _compile_case(scenario, kernel, cache_dir):
         try:
             compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET,
                                       options=options.__dict__)
-            results.append((what, named.get("UPCAST"), compiled.metadata.shared, None))
+            stack = _stack_bytes(compiled.asm["cubin"], cache_dir)
+            results.append((what, named.get("UPCAST"), compiled.metadata.shared, stack, None))
         except Exception as error:  # the compiler's message is the result
-            results.append((what, named.get("UPCAST"), None, f"{type(error).__name__}: {error}"))
+            results.append((what, named.get("UPCAST"), None, None, f"{type(error).__name__}: {error}"))
     return results
+
+
+def _stack_bytes(cubin: bytes, directory: str) -> int:
+    """Bytes of stack per thread of the cubin's kernel (cuobjdump -res-usage): where ptxas spills registers."""
+    path = os.path.join(directory, "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True,
+                           check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def _interpreting():
@@ -333,11 +354,14 @@ def sm90_worker():
 def test_kernel_compiles_for_sm90(scenario, kernel, sm90_worker, tmp_path):
     results = sm90_worker.submit(_compile_case, scenario, kernel, str(tmp_path)).result()
     assert results, f"{scenario} no longer launches {kernel}"
-    for what, upcast, shared, error in results:
+    for what, upcast, shared, stack, error in results:
         if error is not None:
             pytest.fail(f"{what} does not compile for sm_90:\n{error}", pytrace=False)
         assert upcast in (None, False), f"{what}: not the GPU path"
         assert shared <= SMEM_LIMIT, f"{what}: {shared} bytes of shared memory, an sm_90 block has {SMEM_LIMIT}"
+        assert stack <= KNOWN_SPILLS.get((scenario, kernel), 0), (
+            f"{what}: {stack} bytes of stack per thread (registers spilled), more than the "
+            f"{KNOWN_SPILLS.get((scenario, kernel), 0)} known for {scenario}")
 
 
 def test_every_kernel_has_a_case():
