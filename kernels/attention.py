@@ -23,6 +23,8 @@ attention core (SDPA/cuDNN); `attention(..., impl=)` dispatches between the Trit
 one-pass backward) and that path, "auto" by measurement.
 """
 import math
+import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -719,10 +721,13 @@ def _can_measure(q) -> bool:
             and type(q) is torch.Tensor)
 
 
-def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 5) -> dict[str, float]:
+def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 7) -> dict[str, float]:
     """Median ms of forward+backward of each fused impl on fresh random inputs with the given tensors'
-    shapes, strides and dtypes (never their values). The impls take turns, repeat by repeat, so that
-    the clocks' ramp from idle (this runs at start-up) does not fall on the first one alone."""
+    shapes, strides and dtypes (never their values), each replayed as a CUDA graph: the GPU time of its
+    kernels, which is what the captured training step and evaluation pay (an eager timing adds each
+    impl's host time, which differs between the Triton launchers and cuDNN's). The impls take turns,
+    repeat by repeat, so that the clocks' ramp from idle (this runs at start-up) does not fall on the
+    first one alone. Where a capture fails, every impl is timed eagerly instead."""
     def like(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
 
@@ -732,14 +737,28 @@ def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 5) -> dict[str
     def run(impl):
         torch.autograd.grad(attention(*inputs, xsa, impl=impl), inputs, d_out)
 
-    for impl in FUSED_IMPLS:
-        run(impl)  # compile / autotune outside the timing
+    side = torch.cuda.Stream(q.device)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side):  # compiles, autotuning and cuDNN's plans before any capture
+        for impl in FUSED_IMPLS:
+            run(impl)
+    torch.cuda.current_stream(q.device).wait_stream(side)
+    try:
+        graphs = {}
+        for impl in FUSED_IMPLS:
+            graphs[impl] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[impl]):
+                run(impl)
+        calls = {impl: graph.replay for impl, graph in graphs.items()}
+    except RuntimeError as exc:
+        warnings.warn(f"attention's measurement could not capture its impls ({str(exc)[:120]}); timing them eagerly")
+        calls = {impl: partial(run, impl) for impl in FUSED_IMPLS}
     samples = {impl: [] for impl in FUSED_IMPLS}
     for _ in range(repeats):
-        for impl in FUSED_IMPLS:
+        for impl, call in calls.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run(impl)
+            call()
             end.record()
             end.synchronize()
             samples[impl].append(start.elapsed_time(end))
