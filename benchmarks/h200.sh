@@ -207,8 +207,9 @@ for s in "$@"; do
     k3table) stage k3table "${K3_LIMIT:-400}" python3 "$R/benchmarks/test_bench_int5.py" --table --out "$OUT"
              record "bash benchmarks/h200.sh k3table (python3 benchmarks/test_bench_int5.py --table)" "$OUT/k3_rows.jsonl" ;;
     # K2: every forward, dK/dV (one- and two-pass backward) and dQ config at the seed shape, every path at
-    # T = 1024, 2048, 4096, and their profiles (k2_sweep.json)
-    k2sweep) stage k2sweep "${K2_LIMIT:-300}" python3 "$R/benchmarks/test_bench_attention.py" "$OUT" ;;
+    # T = 1024, 2048, 4096, and their profiles (k2_sweep.json; its timings as rows, k2_rows.jsonl)
+    k2sweep) stage k2sweep "${K2_LIMIT:-300}" python3 "$R/benchmarks/test_bench_attention.py" "$OUT"
+             record "bash benchmarks/h200.sh k2sweep (python3 benchmarks/test_bench_attention.py OUT)" "$OUT/k2_rows.jsonl" ;;
     # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)
     qkbench) stage qkbench "${QK_LIMIT:-120}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;

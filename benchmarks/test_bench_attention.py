@@ -171,6 +171,8 @@ def sweep(out_dir, shape=SEED_SHAPE, seq_lens=(2048, 1024, 4096)):
     def dump():  # after every stage, so a timed-out run still leaves its figures
         with open(os.path.join(out_dir, "k2_sweep.json"), "w") as f:
             json.dump(report, f, indent=1, default=str)
+        with open(os.path.join(out_dir, "k2_rows.jsonl"), "w") as f:  # for report.py --import-pytest-benchmark
+            f.writelines(json.dumps(row) + "\n" for row in sweep_rows(report, shape))
     torch.manual_seed(0)
     B, T_seed, H, h_kv, D = shape
     q, k, v, g = (t.detach() for t in make_inputs(*shape))
@@ -254,6 +256,27 @@ def sweep(out_dir, shape=SEED_SHAPE, seq_lens=(2048, 1024, 4096)):
     for key, row in report["paths"].items():
         cells = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         print(f"{key:45s} {cells}")
+
+
+def sweep_rows(report, shape=SEED_SHAPE) -> list[dict]:
+    """The sweep's timings as rows of the results history (without the run's metadata): each config at
+    the seed shape ("K2 config sweep"), each path at each length ("K2 attention fwd" / "fwd+bwd")."""
+    B, T, H, h_kv, D = shape
+
+    def shape_at(t):  # the same tokens per call at every length
+        return f"B={B * T // t} T={t} H={H} Hkv={h_kv} D={D}"
+    rows = [{"benchmark": "K2 config sweep", "shape": shape_at(T), "variant": key, "statistic": "median_ms",
+             "value": ms, "unit": "ms"} for key, ms in report.get("sweep", {}).items() if isinstance(ms, float)]
+    for key, figures in report.get("paths", {}).items():
+        length, name = key.split(" ", 1)
+        for prefix, benchmark in (("fwd", "K2 attention fwd"), ("fwd_bwd", "K2 attention fwd+bwd")):
+            for statistic, unit in (("ms", "ms"), ("tflops", "TFLOP/s")):
+                value = figures.get(f"{prefix}_{statistic}")
+                if isinstance(value, float):
+                    rows.append({"benchmark": benchmark, "shape": shape_at(int(length.removeprefix("T="))),
+                                 "variant": name, "statistic": "median_ms" if statistic == "ms" else "tflops",
+                                 "value": value, "unit": unit, "baseline": name == "a_cudnn_compiled_max_autotune"})
+    return rows
 
 
 if __name__ == "__main__":

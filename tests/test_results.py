@@ -270,3 +270,37 @@ def test_seed_artifact_holds_the_initial_weights_and_the_eval_record(tmp_path):
 
     # the int5/int8 round trip of seed 3's initial weights: close to them, far from another seed's
     assert (loaded - initial(3)).norm() < 0.1 * (loaded - initial(4)).norm()
+
+
+def test_k2_sweep_rows_import_as_valid_history_rows(tmp_path):
+    """`h200.sh k2sweep`: the sweep's JSON report as rows (configs at the seed shape, each path's fwd and
+    fwd+bwd time and TFLOP/s at each length, errors left out) that report.py imports as valid rows."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attention", BENCH / "test_bench_attention.py")
+        bench_attention = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_attention)
+    finally:
+        sys.path.remove(str(BENCH))
+    sweep = {"sweep": {"fwd (64, 64, 4, 3, True)": 0.61, "bwd dkdv (32, 128, 8, 3, True)": 1.9,
+                       "bwd dq (64, 64, 4, 3, False)": "error: OutOfResources: shared memory"},
+             "paths": {"T=2048 ours_triton": {"fwd_ms": 0.69, "fwd_tflops": 300.0, "fwd_bwd_ms": 2.9,
+                                              "fwd_bwd_tflops": 250.0},
+                       "T=4096 a_cudnn_compiled_max_autotune": {"fwd_ms": 1.5, "fwd_bwd_ms": "error: x"}}}
+    rows = bench_attention.sweep_rows(sweep)
+    got = {(r["benchmark"], r["shape"], r["variant"], r["statistic"]): r["value"] for r in rows}
+    assert got == {
+        ("K2 config sweep", "B=48 T=2048 H=8 Hkv=4 D=64", "fwd (64, 64, 4, 3, True)", "median_ms"): 0.61,
+        ("K2 config sweep", "B=48 T=2048 H=8 Hkv=4 D=64", "bwd dkdv (32, 128, 8, 3, True)", "median_ms"): 1.9,
+        ("K2 attention fwd", "B=48 T=2048 H=8 Hkv=4 D=64", "ours_triton", "median_ms"): 0.69,
+        ("K2 attention fwd", "B=48 T=2048 H=8 Hkv=4 D=64", "ours_triton", "tflops"): 300.0,
+        ("K2 attention fwd+bwd", "B=48 T=2048 H=8 Hkv=4 D=64", "ours_triton", "median_ms"): 2.9,
+        ("K2 attention fwd+bwd", "B=48 T=2048 H=8 Hkv=4 D=64", "ours_triton", "tflops"): 250.0,
+        ("K2 attention fwd", "B=24 T=4096 H=8 Hkv=4 D=64", "a_cudnn_compiled_max_autotune", "median_ms"): 1.5}
+    path = tmp_path / "k2_rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "new.jsonl"
+    run("--import-pytest-benchmark", path, "--out", out, "--commit", "abc1234", "--run", "r", "--source", "s",
+        "--gpu", "NVIDIA H200", "--torch", "2.11.0", "--triton", "3.6.0")
+    imported = report.load(out)
+    assert len(imported) == len(rows) and all(not report.problems(r) for r in imported)
