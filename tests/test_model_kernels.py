@@ -1,5 +1,7 @@
 """The model with kernels="fused" computes what the reference model computes
 (forward and gradients), on the GPU or under the CPU interpreter."""
+import copy
+
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rel_err, requires_cuda
@@ -39,10 +41,15 @@ def _check(cfg, batch, seq):
     assert set(grads) == set(ref_grads)
     for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
         assert rel_err(grads[name], ref_grads[name]) < 5e-2, name
-    # every other gradient too, looser: the head gates' (sigmoid slope ~0.02 at their initial bias of 4)
-    # differ by ~9% between any two bf16 attention implementations; a wrong or missing one is off by ~100%
-    for name in set(grads) - {"qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"}:
-        assert rel_err(grads[name], ref_grads[name]) < 0.15, name
+    # Every gradient against the reference model in float64: the bf16 reference's own small ones are too
+    # far from it to judge by (the head gates' ~9%, where ours are ~1%). The loosest of ours on the CPU:
+    # a vr_lambda of the recycled layer, ~5% (its two passes' shares nearly cancel).
+    truth = copy.deepcopy(reference).double()
+    truth.zero_grad(set_to_none=True)
+    truth(x, y).backward()
+    for name, param in truth.named_parameters():
+        if param.grad is not None:
+            assert rel_err(grads[name], param.grad) < 0.1, name
 
 
 def test_fused_model_matches_reference_tiny():
