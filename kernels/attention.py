@@ -721,9 +721,10 @@ def _can_measure(q) -> bool:
             and type(q) is torch.Tensor)
 
 
-def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 7) -> dict[str, float]:
-    """Median ms of forward+backward of each fused impl on fresh random inputs with the given tensors'
-    shapes, strides and dtypes (never their values), each replayed as a CUDA graph: the GPU time of its
+def measure_impls(q, k, v, gate_logits, xsa: bool, backward: bool = True, repeats: int = 7) -> dict[str, float]:
+    """Median ms of forward+backward (or, backward False, the forward) of each fused impl on fresh random
+    inputs with the given tensors' shapes, strides and dtypes (never their values), each replayed as a
+    CUDA graph: the GPU time of its
     kernels, which is what the captured training step and evaluation pay (an eager timing adds each
     impl's host time, which differs between the Triton launchers and cuDNN's). The impls take turns,
     repeat by repeat, so that the clocks' ramp from idle (this runs at start-up) does not fall on the
@@ -731,11 +732,14 @@ def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 7) -> dict[str
     def like(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
 
-    inputs = [like(t).requires_grad_() for t in (q, k, v, gate_logits)]
+    inputs = [like(t).requires_grad_(backward) for t in (q, k, v, gate_logits)]
     d_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
 
     def run(impl):
-        torch.autograd.grad(attention(*inputs, xsa, impl=impl), inputs, d_out)
+        if backward:
+            torch.autograd.grad(attention(*inputs, xsa, impl=impl), inputs, d_out)
+        else:
+            attention(*inputs, xsa, impl=impl)
 
     side = torch.cuda.Stream(q.device)
     side.wait_stream(torch.cuda.current_stream(q.device))
@@ -766,21 +770,23 @@ def measure_impls(q, k, v, gate_logits, xsa: bool, repeats: int = 7) -> dict[str
 
 
 def choose_impl(q, k, v, gate_logits, xsa: bool) -> str:
-    """The measured faster fused impl for this signature (measured on its first call, then cached)."""
-    key = _signature(q, k, v, gate_logits, xsa)
+    """The measured fastest fused impl for this signature and use (measured on its first call, then
+    cached): by forward+backward time where this call will be differentiated (training), by forward
+    time where not (evaluation: no_grad, inference_mode, or inputs that need no gradient)."""
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gate_logits))
+    key = _signature(q, k, v, gate_logits, xsa) + (backward,)
     if key not in _CHOICES:
         if not _can_measure(q):
             return UNMEASURED_IMPL
-        # the first call may come from an evaluation (no_grad or inference_mode): the timing runs backward
-        with torch.inference_mode(False), torch.enable_grad():
-            ms = measure_impls(q, k, v, gate_logits, xsa)
+        with torch.inference_mode(False), torch.enable_grad():  # its own inputs, whatever the caller's mode
+            ms = measure_impls(q, k, v, gate_logits, xsa, backward=backward)
         _CHOICES[key] = {"impl": min(ms, key=ms.get), "ms": ms}
     return _CHOICES[key]["impl"]
 
 
 def measured_choices() -> list[dict]:
-    """What `auto` chose, per signature, with the timings it chose by."""
-    return [{"shapes": [list(shape) for shape, _, _ in key[:4]], "xsa": key[4], **value}
+    """What `auto` chose, per signature and use, with the timings it chose by."""
+    return [{"shapes": [list(shape) for shape, _, _ in key[:4]], "xsa": key[4], "backward": key[6], **value}
             for key, value in _CHOICES.items()]
 
 

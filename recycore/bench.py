@@ -100,7 +100,7 @@ def build(path: str, cfg: Config, device="cuda", backend: str = "inductor", batc
     (`backend` other than inductor, e.g. aot_eager, is for CPU tests of the compile layout.)"""
     kernels, mode, per_block, graphs = PATHS[path]
     model = GPT(cfg.replace(kernels=kernels)).to(device)
-    model.choose_kernels(batch_seqs, cfg.train_seq_len)
+    model.choose_kernels(batch_seqs, cfg.train_seq_len, training=True)
     if mode is not None:
         options = dict(backend=backend, dynamic=False, fullgraph=True)
         if backend == "inductor" and mode != "default":

@@ -357,7 +357,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             + (" (as the artifact records; env/flags override)" if taken else " (the defaults, env, flags)"))
         say(f"data {cfg.data_path}, tokenizer {cfg.tokenizer_path}"
             + (" (sha256 as recorded)" if sha256 and sha256 == info["evaluation"].get("tokenizer_sha256") else ""))
-        model.choose_kernels(cfg.eval_batch_seqs, cfg.eval_seq_len)  # before a compile traces the model
+        model.choose_kernels(cfg.eval_batch_seqs, cfg.eval_seq_len, training=False)  # before a compile traces it
         logits_fn = model.forward_logits
         if cfg.compile_model and ctx.on_cuda:
             logits_fn = torch.compile(logits_fn, dynamic=False)

@@ -317,14 +317,14 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.loss(self.hidden_states(ids), targets)
 
-    @torch.no_grad()
-    def choose_kernels(self, batch_seqs: int, seq_len: int) -> None:
+    def choose_kernels(self, batch_seqs: int, seq_len: int, *, training: bool) -> None:
         """One eager forward on random tokens of this batch shape, so that each fused kernel family with
         several implementations measures them on the shapes and layouts this model passes, before
-        torch.compile traces the model (a trace cannot time anything); the choices are cached."""
+        torch.compile traces the model (a trace cannot time anything); the choices are cached. training:
+        the forward runs with autograd, so the choices are by forward+backward time, else by forward time."""
         weight = self.tok_emb.weight
         if not ops.fused(self.cfg.kernels, weight):
             return
         ids = torch.randint(0, self.cfg.vocab_size, (batch_seqs, seq_len), device=weight.device)
-        with torch.autocast(weight.device.type, dtype=torch.bfloat16):
+        with torch.set_grad_enabled(training), torch.autocast(weight.device.type, dtype=torch.bfloat16):
             self.forward_logits(ids)

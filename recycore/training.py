@@ -215,7 +215,7 @@ def set_up(ctx: Context, cfg: Config, inputs: Inputs, checkpoint_dir: Path, log_
     model = GPT(cfg).to(ctx.device)
     model.train()
     model.choose_kernels(local_batch_tokens(cfg.train_batch_tokens, cfg.train_seq_len, ctx.world_size,
-                                            inputs.accum) // cfg.train_seq_len, cfg.train_seq_len)
+                                            inputs.accum) // cfg.train_seq_len, cfg.train_seq_len, training=True)
     runner = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
     # across ranks the optimiser step's collectives stay outside the graphs: only its micro-steps replay
     optimizers = OptimizerSet(model, cfg, device=ctx.device, capturable=graphs and not ctx.distributed)
@@ -519,7 +519,7 @@ def eval_shapes(cfg: Config, world_size: int, accum: int) -> list[tuple[int, int
 def make_logits_fn(model: GPT, compile_model: bool, shapes: list[tuple[int, int]]):
     """The model's logits function for evaluation batches of these shapes (compiled on CUDA)."""
     for batch_seqs, seq_len in shapes:
-        model.choose_kernels(batch_seqs, seq_len)
+        model.choose_kernels(batch_seqs, seq_len, training=False)
     if compile_model:
         return torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
     return model.forward_logits

@@ -265,6 +265,28 @@ def test_auto_runs_the_reference_for_a_head_size_the_kernels_cannot_run(device):
         ops.gated_xsa_attention(q, k, v, g, True, "fused")
 
 
+def test_auto_chooses_per_use_by_forward_backward_or_forward_time(monkeypatch):
+    """auto's choice is measured once per signature and use: by forward+backward time where the call will
+    be differentiated (grad mode on, an input that requires grad), by forward time where not."""
+    monkeypatch.setattr(attn, "_CHOICES", {})
+    monkeypatch.setattr(attn, "_can_measure", lambda q: True)  # (on the CPU too: the timing is faked)
+    measured = []
+
+    def fake_measure(q, k, v, g, xsa, backward=True):
+        measured.append(backward)
+        return ({"triton": 1.0, "triton_one_pass": 1.5, "sdpa_fused": 2.0} if backward
+                else {"triton": 2.0, "triton_one_pass": 2.0, "sdpa_fused": 1.0})
+    monkeypatch.setattr(attn, "measure_impls", fake_measure)
+    q, k, v, g = _inputs(1, 16, 4, 2, 16, torch.float32)
+    assert attn.choose_impl(q, k, v, g, True) == "triton"
+    with torch.no_grad():
+        assert attn.choose_impl(q, k, v, g, True) == "sdpa_fused"
+    assert attn.choose_impl(*(t.detach() for t in (q, k, v, g)), True) == "sdpa_fused"
+    assert attn.choose_impl(q, k, v, g, True) == "triton"
+    assert measured == [True, False]
+    assert sorted(choice["backward"] for choice in attn.measured_choices()) == [False, True]
+
+
 @requires_cuda
 def test_auto_measures_each_signature_once_and_takes_the_faster(monkeypatch):
     """"auto": every fused impl timed (in turns, each replayed as a CUDA graph) on the first call of a
@@ -289,12 +311,12 @@ def test_auto_measures_each_signature_once_and_takes_the_faster(monkeypatch):
 @requires_cuda
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_auto_measures_a_first_call_made_without_autograd(monkeypatch, mode):
-    """An evaluation can be the first call of a signature: the timing (forward+backward) still runs, and
-    the output is the chosen impl's."""
+    """An evaluation can be the first call of a signature: it is timed by the forward alone, and the output
+    is the chosen impl's."""
     monkeypatch.setattr(attn, "_CHOICES", {})
     q, k, v, g = _inputs(2, 192, 4, 2, 64, torch.bfloat16)
     with mode():
         out = attention(q, k, v, g, True)
     [choice] = attn.measured_choices()
-    assert choice["impl"] in attn.FUSED_IMPLS
+    assert choice["impl"] in attn.FUSED_IMPLS and not choice["backward"]
     torch.testing.assert_close(out, attention(q, k, v, g, True, impl=choice["impl"]), rtol=0, atol=0)
