@@ -704,12 +704,13 @@ def gated_xsa_attention_reference(q, k, v, gate_logits, xsa: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch: "auto" takes whichever fused path measured faster, forward + backward, on the shapes and
-# layouts the caller passes (the order depends on both), once per signature and device, cached.
+# Dispatch: "auto" takes whichever fused path measured fastest on the shapes and layouts the caller passes
+# (the order depends on both), by forward+backward time for a call that will be differentiated and by
+# forward time for one that will not, once per signature, device and use, cached.
 # ----------------------------------------------------------------------------------------------
 FUSED_IMPLS = ("triton", "triton_one_pass", "sdpa_fused")
 UNMEASURED_IMPL = "sdpa_fused"  # when no measurement can run (inside a trace or a graph capture)
-_CHOICES: dict = {}  # signature -> {"impl": ..., "ms": {impl: ms}}
+_CHOICES: dict = {}  # signature + (backward,) -> {"impl": ..., "ms": {impl: ms}}
 
 
 def _signature(q, k, v, gate_logits, xsa):
@@ -724,11 +725,10 @@ def _can_measure(q) -> bool:
 def measure_impls(q, k, v, gate_logits, xsa: bool, backward: bool = True, repeats: int = 7) -> dict[str, float]:
     """Median ms of forward+backward (or, backward False, the forward) of each fused impl on fresh random
     inputs with the given tensors' shapes, strides and dtypes (never their values), each replayed as a
-    CUDA graph: the GPU time of its
-    kernels, which is what the captured training step and evaluation pay (an eager timing adds each
-    impl's host time, which differs between the Triton launchers and cuDNN's). The impls take turns,
-    repeat by repeat, so that the clocks' ramp from idle (this runs at start-up) does not fall on the
-    first one alone. Where a capture fails, every impl is timed eagerly instead."""
+    CUDA graph: the GPU time of its kernels, which is what the captured training step and evaluation pay
+    (an eager timing adds each impl's host time, which differs between the Triton launchers and cuDNN's).
+    The impls take turns, repeat by repeat, so that the clocks' ramp from idle (this runs at start-up)
+    does not fall on the first one alone. Where a capture fails, every impl is timed eagerly instead."""
     def like(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_()
 
