@@ -143,13 +143,19 @@ def test_a_non_finite_loss_shows_through_the_replayed_step():
 
 
 @requires_cuda
-@pytest.mark.parametrize("kernels", ["reference", "fused"])
-def test_graphed_steps_match_eager_steps(kernels):
+@pytest.mark.parametrize("kernels,attention_impl", [("reference", None), ("fused", "triton"),
+                                                    ("fused", "triton_one_pass"), ("fused", "sdpa_fused")])
+def test_graphed_steps_match_eager_steps(kernels, attention_impl, monkeypatch):
     """Five training steps with a changing schedule and late QAT switching on: the graphed step
     (forward+backward and optimiser step replayed) gives the eager step's losses and weights. Both
     keep the schedule in device tensors (capturable=True: Muon's fp32 arithmetic), so only the
     capture differs; the uncaptured training path's float schedule (the seed's bf16 ops) is
-    compared with the graphed one over 200 steps (benchmarks/README.md, loss match)."""
+    compared with the graphed one over 200 steps (benchmarks/README.md, loss match). Fused, with each
+    attention implementation that "auto" may choose."""
+    from recycore.kernels import attention as attn
+
+    if attention_impl:
+        monkeypatch.setattr(attn, "choose_impl", lambda *args: attention_impl)
     cfg = Config(**{**TINY, "kernels": kernels, "train_batch_tokens": 4 * 2 * 32})
     torch.manual_seed(0)
     batches = [[(torch.randint(0, cfg.vocab_size, (2, 32), device="cuda"),) * 2 for _ in range(4)] for _ in range(5)]
