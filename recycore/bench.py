@@ -19,6 +19,7 @@ import torch
 from recycore.config import Config
 from recycore.graphs import Captured
 from recycore.model import GPT
+from recycore.ops import kernel_choices
 
 PATHS = {
     # name: (kernels, compile mode, per-block compile, CUDA graphs)
@@ -166,6 +167,7 @@ def micro_step(path: str, cfg: Config, batch_seqs: int = 48, repeats: int = 20, 
               "ms_p80": times[4 * len(times) // 5], "compile_s": compile_s,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "batch_seqs": batch_seqs,
               "seq_len": cfg.train_seq_len}
+    result["kernel_choices"] = kernel_choices()
     if with_profile:
         result.update(profile_step(step, x, y))
     model.zero_grad(set_to_none=True)
@@ -229,6 +231,7 @@ def profile(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") -> dict
 def format_profile(result: dict) -> str:
     with_optimizer = " (micro-step + optimiser step)" if "optimizer" in result["families"] else ""
     lines = [f"{result['path']}: {result['total_ms']:.1f} ms of kernels{with_optimizer}"]
+    lines += [f"  measured: {line}" for line in result.get("kernel_choices", [])]
     for family, ms in sorted(result["families"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {family:<18} {ms:8.2f} ms  {100 * ms / result['total_ms']:5.1f}%")
     lines.append("  top kernels of the micro-step:")

@@ -340,6 +340,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     from recycore.artifact import BUDGET_BYTES, code_sizes
     from recycore.console import eval_summary
+    from recycore.ops import kernel_choices
     from recycore.runtime import process_context
 
     ctx = process_context(args.device)
@@ -358,6 +359,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         say(f"data {cfg.data_path}, tokenizer {cfg.tokenizer_path}"
             + (" (sha256 as recorded)" if sha256 and sha256 == info["evaluation"].get("tokenizer_sha256") else ""))
         model.choose_kernels(cfg.eval_batch_seqs, cfg.eval_seq_len, training=False)  # before a compile traces it
+        for line in kernel_choices():
+            say(f"measured: {line}")
         logits_fn = model.forward_logits
         if cfg.compile_model and ctx.on_cuda:
             logits_fn = torch.compile(logits_fn, dynamic=False)

@@ -120,6 +120,14 @@ def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5L
     return out if out_scale is None else out_scale * out
 
 
+def kernel_choices() -> list[str]:
+    """What the kernel families with several implementations chose by measurement in this process, a line
+    each: the attention's, per signature and use, with the timings it chose by."""
+    return [f"attention q {tuple(c['shapes'][0])} xsa {c['xsa']} by {'fwd+bwd' if c['backward'] else 'fwd'}: "
+            f"{c['impl']} (" + ", ".join(f"{impl} {ms:.3f}" for impl, ms in c["ms"].items()) + " ms)"
+            for c in attention_kernels.measured_choices()]
+
+
 def gated_xsa_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor | None, use_xsa: bool,
                         kernels: str) -> Tensor:
     """Causal GQA attention, XSA (if use_xsa), the sigmoid head gate (K2). q: (B, T, H, D);

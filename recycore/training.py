@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recycore import ops
 from recycore.artifact import BUDGET_BYTES, build_eval_model, evaluation_record, export_artifact, load_artifact
 from recycore.checkpoint import (WeightAverages, check_model_config, effective_ema_decay, load_checkpoint,
                                  rng_state, save_checkpoint, set_rng_state)
@@ -235,6 +236,8 @@ def set_up(ctx: Context, cfg: Config, inputs: Inputs, checkpoint_dir: Path, log_
 
 def _log_model(run: Run) -> None:
     cfg, model = run.cfg, run.model
+    for line in ops.kernel_choices():
+        run.ctx.log(f"measured: {line}")
     n_params = sum(p.numel() for p in model.parameters())
     run.ctx.log(f"model: {n_params:,} parameters, {cfg.num_layers} layers (+{len(cfg.recycle_layers) * cfg.recycle_repeats}"
                 f" recycled), d={cfg.model_dim}; train {cfg.train_batch_tokens:,} tokens/step x seq "

@@ -285,6 +285,10 @@ def test_auto_chooses_per_use_by_forward_backward_or_forward_time(monkeypatch):
     assert attn.choose_impl(q, k, v, g, True) == "triton"
     assert measured == [True, False]
     assert sorted(choice["backward"] for choice in attn.measured_choices()) == [False, True]
+    from recycore import ops  # what training and evaluation log
+    assert ops.kernel_choices() == [
+        "attention q (1, 16, 4, 16) xsa True by fwd+bwd: triton (triton 1.000, triton_one_pass 1.500, sdpa_fused 2.000 ms)",
+        "attention q (1, 16, 4, 16) xsa True by fwd: sdpa_fused (triton 2.000, triton_one_pass 2.000, sdpa_fused 1.000 ms)"]
 
 
 @requires_cuda
