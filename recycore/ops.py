@@ -76,13 +76,13 @@ def attention_inputs(u: Tensor, w_q, w_k, w_v, gate_w: Tensor | None, gate_b: Te
     Fused, with dense weights and a gate: one GEMM on the stacked weights [W_q; W_k; W_v; W_g] (one wide
     GEMM instead of four, one input- and one weight-gradient GEMM in backward) and `qkv_prep`, which reads
     its packed output as it is and writes the packed gradient in one pass."""
-    dense = not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v))
-    if fused(kernels, u) and dense and gate_w is not None:
-        qkv = F.linear(u, torch.cat((w_q, w_k, w_v, gate_w)).to(u.dtype))
-        return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads)
-    if fused(kernels, u) and dense:  # one GEMM for q, k, v; q and k go to the op as views of its output
-        q, k, v = F.linear(u, torch.cat((w_q, w_k, w_v)).to(u.dtype)).split(
-            (w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
+    if fused(kernels, u) and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
+        stacked = (w_q, w_k, w_v) if gate_w is None else (w_q, w_k, w_v, gate_w)
+        qkv = F.linear(u, torch.cat(stacked).to(u.dtype))
+        if gate_w is not None:
+            return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads)
+        # no gate: q and k go to the op as views of the output
+        q, k, v = qkv.split((w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
     else:
         q, k, v = linear(u, w_q), linear(u, w_k), linear(u, w_v)
     q, k, v = q.unflatten(-1, (num_heads, -1)), k.unflatten(-1, (num_kv_heads, -1)), v.unflatten(-1, (num_kv_heads, -1))

@@ -56,6 +56,11 @@ def test_fused_model_matches_reference_tiny():
     _check(Config(**TINY, train_seq_len=64), batch=2, seq=45)  # ragged T
 
 
+def test_fused_model_without_head_gates_matches_reference():
+    """No gate: the fused projection hands q and k to the q/k op as views; attention runs its reference."""
+    _check(Config(**TINY, train_seq_len=64, gated_attention=False), batch=1, seq=21)
+
+
 @requires_cuda
 def test_fused_model_matches_reference_seed_width():
     _check(Config(num_layers=4, ve_layers=(2, 3), recycle_layers=(1,)), batch=4, seq=2048)
