@@ -307,7 +307,7 @@ def table(out_dir=None, rounds=3):
             runs = {"cublas": ("cublas", None, None), "auto": ("auto", None, act), "dequant": ("dequant", None, act)}
             runs.update({str(c): (c.kernel, c, act) for c in candidates() if fits(c, K)})
             row = {"shape": f"{N}x{K}", "M": M, "activation": act or "none", "ms": time_rounds(
-                {name: lambda impl=impl, config=config, a=a: call_timer(large_m_calls(
+                {name: lambda impl=impl, config=config, a=a, xs=xs: call_timer(large_m_calls(
                     op(impl, config, weight, N, K, a), xs, M, N, K)) for name, (impl, config, a) in runs.items()},
                 rounds)}
             base = row["ms"]["cublas"]
