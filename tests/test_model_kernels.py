@@ -42,14 +42,17 @@ def _check(cfg, batch, seq):
     for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
         assert rel_err(grads[name], ref_grads[name]) < 5e-2, name
     # Every gradient against the reference model in float64: the bf16 reference's own small ones are too
-    # far from it to judge by (the head gates' ~9%, where ours are ~1%). The loosest of ours on the CPU:
-    # a vr_lambda of the recycled layer, ~5% (its two passes' shares nearly cancel).
+    # far from it to judge by (the head gates' ~9%, where ours are ~1%). Ours must be within 10% of it, or
+    # no further from it than twice the bf16 reference is: a gradient that is a near-cancelling sum over
+    # every token (a vr_lambda of the recycled layer, ~5% on the CPU; the value embedding's scale at
+    # T = 2048 on the GPU, ~16%) carries bf16's rounding in either model.
     truth = copy.deepcopy(reference).double()
     truth.zero_grad(set_to_none=True)
     truth(x, y).backward()
     for name, param in truth.named_parameters():
         if param.grad is not None:
-            assert rel_err(grads[name], param.grad) < 0.1, name
+            ours, theirs = rel_err(grads[name], param.grad), rel_err(ref_grads[name], param.grad)
+            assert ours < max(0.1, 2 * theirs), f"{name}: ours {ours:.3f} from float64, the bf16 reference {theirs:.3f}"
 
 
 def test_fused_model_matches_reference_tiny():
