@@ -304,3 +304,27 @@ def test_k2_sweep_rows_import_as_valid_history_rows(tmp_path):
         "--gpu", "NVIDIA H200", "--torch", "2.11.0", "--triton", "3.6.0")
     imported = report.load(out)
     assert len(imported) == len(rows) and all(not report.problems(r) for r in imported)
+
+
+def test_figures_of_different_gpus_are_never_paired_ranged_or_replaced():
+    """A later run on another GPU adds its own lines; the first GPU's comparison and ranges stay its own."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    rows = [row(benchmark="micro-step", shape="48x2048", variant="fused-graphs", value=84.0, run="a"),
+            row(benchmark="micro-step", shape="48x2048", variant="reference-compiled-graphs", value=94.0, run="a"),
+            row(benchmark="micro-step", shape="48x2048", variant="fused-graphs", value=92.0, run="b", gpu=h100),
+            row(benchmark="micro-step", shape="48x2048", variant="reference-compiled-graphs", value=106.0, run="b",
+                gpu=h100),
+            row(benchmark="optimizer step", shape="seed model, 1 GPU", variant="muon+adamw", value=12.0, run="a"),
+            row(benchmark="optimizer step", shape="seed model, 1 GPU", variant="muon+adamw", value=11.0, run="c"),
+            row(benchmark="optimizer step", shape="seed model, 1 GPU", variant="muon+adamw", value=9.0, run="b",
+                gpu=h100)]
+    table = report.headline_table(rows)
+    pair_lines = [line for line in table.splitlines() if "both as CUDA graphs" in line]
+    assert len(pair_lines) == 2
+    assert "| 1.12x |" in pair_lines[0] and pair_lines[0].endswith("| NVIDIA H200 |")
+    assert "| 1.15x |" in pair_lines[1] and pair_lines[1].endswith(f"| {h100} |")
+    optimiser = [line for line in table.splitlines() if line.startswith("| optimiser step")]
+    assert "11 ms to 12 ms over 2 runs" in optimiser[0].replace(".00", "") and "over" not in optimiser[1]
+    full = report.full_table(rows)
+    assert sum(line.startswith("| micro-step | 48x2048 |") for line in full.splitlines()) == 4
+    assert {line.split("|")[-2].strip() for line in full.splitlines()[2:]} == {"H200", "H100"}
