@@ -274,8 +274,7 @@ def test_auto_chooses_per_use_by_forward_backward_or_forward_time(monkeypatch):
 
     def fake_measure(q, k, v, g, xsa, backward=True):
         measured.append(backward)
-        return ({"triton": 1.0, "triton_one_pass": 1.5, "sdpa_fused": 2.0} if backward
-                else {"triton": 2.0, "triton_one_pass": 2.0, "sdpa_fused": 1.0})
+        return {"triton": 1.0, "sdpa_fused": 2.0} if backward else {"triton": 2.0, "sdpa_fused": 1.0}
     monkeypatch.setattr(attn, "measure_impls", fake_measure)
     q, k, v, g = _inputs(1, 16, 4, 2, 16, torch.float32)
     assert attn.choose_impl(q, k, v, g, True) == "triton"
@@ -287,13 +286,13 @@ def test_auto_chooses_per_use_by_forward_backward_or_forward_time(monkeypatch):
     assert sorted(choice["backward"] for choice in attn.measured_choices()) == [False, True]
     from recycore import ops  # what training and evaluation log
     assert ops.kernel_choices() == [
-        "attention q (1, 16, 4, 16) xsa True by fwd+bwd: triton (triton 1.000, triton_one_pass 1.500, sdpa_fused 2.000 ms)",
-        "attention q (1, 16, 4, 16) xsa True by fwd: sdpa_fused (triton 2.000, triton_one_pass 2.000, sdpa_fused 1.000 ms)"]
+        "attention q (1, 16, 4, 16) xsa True by fwd+bwd: triton (triton 1.000, sdpa_fused 2.000 ms)",
+        "attention q (1, 16, 4, 16) xsa True by fwd: sdpa_fused (triton 2.000, sdpa_fused 1.000 ms)"]
 
 
 @requires_cuda
 def test_auto_measures_each_signature_once_and_takes_the_faster(monkeypatch):
-    """"auto": every fused impl timed (in turns, each replayed as a CUDA graph) on the first call of a
+    """"auto": each impl of AUTO_IMPLS timed (in turns, each replayed as a CUDA graph) on the first call of a
     signature, the fastest taken and recorded with its timings; a second call with the same shapes and
     layouts measures nothing."""
     monkeypatch.setattr(attn, "_CHOICES", {})
@@ -308,7 +307,7 @@ def test_auto_measures_each_signature_once_and_takes_the_faster(monkeypatch):
     assert not [w for w in caught if "could not capture" in str(w.message)]  # timed as graphs, not eagerly
     assert len(calls) == 1
     [choice] = attn.measured_choices()
-    assert set(choice["ms"]) == set(attn.FUSED_IMPLS) and all(ms > 0 for ms in choice["ms"].values())
+    assert set(choice["ms"]) == set(attn.AUTO_IMPLS) and all(ms > 0 for ms in choice["ms"].values())
     assert choice["impl"] == min(choice["ms"], key=choice["ms"].get)
 
 
@@ -322,5 +321,5 @@ def test_auto_measures_a_first_call_made_without_autograd(monkeypatch, mode):
     with mode():
         out = attention(q, k, v, g, True)
     [choice] = attn.measured_choices()
-    assert choice["impl"] in attn.FUSED_IMPLS and not choice["backward"]
+    assert choice["impl"] in attn.AUTO_IMPLS and not choice["backward"]
     torch.testing.assert_close(out, attention(q, k, v, g, True, impl=choice["impl"]), rtol=0, atol=0)

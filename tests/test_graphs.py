@@ -151,7 +151,7 @@ def test_graphed_steps_match_eager_steps(kernels, attention_impl, monkeypatch):
     keep the schedule in device tensors (capturable=True: Muon's fp32 arithmetic), so only the
     capture differs; the uncaptured training path's float schedule (the seed's bf16 ops) is
     compared with the graphed one over 200 steps (benchmarks/README.md, loss match). Fused, with each
-    attention implementation that "auto" may choose."""
+    fused attention implementation (auto's choices and the one-pass backward)."""
     from recycore.kernels import attention as attn
 
     if attention_impl:
