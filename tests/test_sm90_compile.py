@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import subprocess
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
@@ -297,9 +298,9 @@ def _specialize(jit, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-def _compile_case(scenario, kernel, cache_dir):
-    """(In the worker.) [(launch description, its UPCAST, shared bytes, compile error)] for each distinct
-    specialization of `kernel` that the scenario launches, compiled for sm_90 (not from a cache)."""
+def _variants(scenario, kernel, cache_dir):
+    """(In the worker.) [(jit, signature, constexprs, attrs, options)] of each distinct specialization of
+    `kernel` that the scenario launches; compiles from here on go to cache_dir, never from a cache."""
     triton.knobs.compilation.always_compile = True
     triton.knobs.cache.dir = cache_dir
     variants = {}
@@ -308,8 +309,14 @@ def _compile_case(scenario, kernel, cache_dir):
             assert isinstance(jit, JITFunction), f"{name} is {jit!r}: TRITON_INTERPRET is on in the worker"
             spec = _specialize(jit, args, kwargs)
             variants.setdefault(repr(spec), (jit, *spec))
+    return list(variants.values())
+
+
+def _compile_case(scenario, kernel, cache_dir):
+    """(In the worker.) [(launch description, its UPCAST, shared bytes, compile error)] for each distinct
+    specialization of `kernel` that the scenario launches, compiled for sm_90 (not from a cache)."""
     results = []
-    for jit, signature, constexprs, attrs, options in variants.values():
+    for jit, signature, constexprs, attrs, options in _variants(scenario, kernel, cache_dir):
         named = {jit.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
         what = (f"{kernel}({', '.join(f'{n}={v}' for n, v in named.items())}, "
                 f"num_warps={options.num_warps}, num_stages={options.num_stages})")
@@ -336,18 +343,11 @@ def _stack_bytes(cubin: bytes, directory: str) -> int:
 def _global_accesses(scenario, kernel, cache_dir):
     """(In the worker.) {PTX global load/store instruction: count} of each distinct specialization of
     `kernel` that the scenario launches, compiled for sm_90."""
-    triton.knobs.compilation.always_compile = True
-    triton.knobs.cache.dir = cache_dir
     found = []
-    for name, jit, args, kwargs in _record(scenario):
-        if name == kernel:
-            signature, constexprs, attrs, options = _specialize(jit, args, kwargs)
-            ptx = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET,
-                                 options=options.__dict__).asm["ptx"]
-            counts = {}
-            for op in re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx):
-                counts[op] = counts.get(op, 0) + 1
-            found.append(counts)
+    for jit, signature, constexprs, attrs, options in _variants(scenario, kernel, cache_dir):
+        ptx = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET,
+                             options=options.__dict__).asm["ptx"]
+        found.append(dict(Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx))))
     return found
 
 
