@@ -112,7 +112,7 @@ def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5L
     elif isinstance(w_down, Int5Linear):
         out = linear(F.leaky_relu(linear(u, w_up), negative_slope=0.5).square(), w_down)
     elif fused(kernels, u):
-        if out_scale is not None and _folds_scale(kernels, u, w_down):  # folded: nothing left to scale
+        if out_scale is not None:  # fused with dense weights: `_folds_scale` holds, nothing left to scale after
             w_down, out_scale = w_down * out_scale[:, None], None
         out = mlp_kernels.leaky_relu2_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype))
     else:
