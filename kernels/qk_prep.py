@@ -456,7 +456,13 @@ def _autograd_backward(ctx, dq_out, dk_out):
 _qk_norm_rope_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("recycore::qkv_prep", mutates_args=())
+# Stride order, not exact strides: on the GPU inductor pads the projection's rows (1032 -> 1088 elements)
+# and would otherwise copy the whole packed output to contiguous rows before each of these ops (the
+# launchers take any row stride).
+_PADDED_ROWS_OK = (torch.Tag.needs_fixed_stride_order,)
+
+
+@torch.library.custom_op("recycore::qkv_prep", mutates_args=(), tags=_PADDED_ROWS_OK)
 def _qkv_prep_op(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
                  num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return qkv_prep_forward(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads)
@@ -468,7 +474,7 @@ def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape)
 
 
-@torch.library.custom_op("recycore::qkv_prep_backward", mutates_args=())
+@torch.library.custom_op("recycore::qkv_prep_backward", mutates_args=(), tags=_PADDED_ROWS_OK)
 def _qkv_prep_backward_op(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
                           sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
                           num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
