@@ -19,7 +19,8 @@ Backward, per (token, head) row, with gain = q_gain[h] (1 for k):
     s = sum_d u*y  (= sum_d g * rotated y, since u = P^T g: the row's share of d q_gain[h])
     dx = gain * rstd * (u - y * s / D)
 d q_gain[h] = sum over rows of s: each program writes its per-head partial sum into a small fp32
-workspace (programs, H) that one torch sum reduces: deterministic, no atomics.
+workspace (H, programs), d gate_bias's beside it, that one torch sum over contiguous rows reduces:
+deterministic, no atomics.
 
 Saved for backward: the inputs q, k (views, no copies) and nothing else; rstd is recomputed from
 x, which backward must read anyway for dx. Saving rstd (B,T,H+Hkv) fp32 would add a 48 B/token
@@ -262,15 +263,16 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_pt
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     n_q = H // HEADS
     n_k = H_KV // HEADS
-    # workspace row = this program's (b, token block); columns = heads
-    row = b * tl.num_programs(0) + pid_t
+    # workspace: a row per head, a column per program's (b, token block), so the sums reduce contiguous rows
+    col = b * tl.num_programs(0) + pid_t
+    n_cols = tl.num_programs(0) * tl.num_programs(2)
     if pid_h < n_q:
         h0 = pid_h * HEADS
         part = _bwd_tile(q_ptr + b * s_qb + h0 * s_qh, gq_ptr + b * s_gqb + h0 * s_gqh,
                          dq_ptr + b * s_dqb + h0 * HEAD_DIM, gain_ptr + h0, cos_ptr, sin_ptr, offs_t, T,
                          s_qt, s_qh, s_gqt, s_gqh, s_dqt, cos_st, cos_sd, sin_st, sin_sd, eps,
                          HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
-        tl.store(part_ptr + row * H + h0 + tl.arange(0, HEADS), part)
+        tl.store(part_ptr + (h0 + tl.arange(0, HEADS)) * n_cols + col, part)
     elif pid_h < n_q + n_k:
         h0 = (pid_h - n_q) * HEADS
         _bwd_tile(k_ptr + b * s_kb + h0 * s_kh, gk_ptr + b * s_gkb + h0 * s_gkh,
@@ -285,7 +287,7 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_pt
             part = _gate_bwd_tile(gg_ptr + b * s_ggb, dg_ptr + b * s_dqb, offs_t, T, s_ggt, s_ggh, s_dqt, H,
                                   BLOCK_H)
             h = tl.arange(0, BLOCK_H)
-            tl.store(bias_part_ptr + row * H + h, part, mask=h < H)
+            tl.store(bias_part_ptr + h * n_cols + col, part, mask=h < H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,7 +357,7 @@ def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None):
 
 def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_out=None, d_packed=None):
     """The backward launch: dq, dk (contiguous, or column ranges of d_packed, which then also gets dv_out
-    and dg_out), per-head partial sums of d q_gain and (packed) of d gate_bias, (rows, H) fp32 each."""
+    and dg_out), and d q_gain and (packed) d gate_bias as the rows of one (1 or 2, H) fp32 tensor."""
     B, T, H, D = q.shape
     h_kv = k.shape[2]
     packed = d_packed is not None
@@ -366,13 +368,12 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
         dk = torch.empty((B, T, h_kv, D), device=q.device, dtype=k.dtype)
         dv, dg, dv_out, dg_out = dq, dq, dq_out, dq_out  # unread stand-ins
     config, heads, grid = _launch_shape(q, k, config, BWD_CONFIG, packed)
-    # one row of per-head partial sums per (batch, token block): every entry is written
-    partials = torch.empty((B * grid[0], H), device=q.device, dtype=torch.float32)
-    bias_partials = torch.empty((B * grid[0], H), device=q.device, dtype=torch.float32) if packed else partials
+    # per-head partial sums of each (batch, token block), every entry written: one reduction sums them all
+    partials = torch.empty((2 if packed else 1, H, B * grid[0]), device=q.device, dtype=torch.float32)
     if dq.numel() == 0:
-        return dq, dk, partials.zero_(), bias_partials.zero_()
+        return dq, dk, partials.sum(-1)
     _qk_norm_rope_bwd_kernel[grid](
-        q, k, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain, partials, bias_partials,
+        q, k, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain, partials[0], partials[-1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
         dv_out.stride(0), dv_out.stride(1), dv_out.stride(2), dg_out.stride(0), dg_out.stride(1), dg_out.stride(2),
@@ -382,7 +383,7 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
         BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H),
         ROWS_ALIGNED=_rows_aligned(q, k, dq_out, dk_out, dv_out, dg_out, dq, dk), num_warps=config.num_warps)
-    return dq, dk, partials, bias_partials
+    return dq, dk, partials.sum(-1)
 
 
 def qk_norm_rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor,
@@ -394,9 +395,8 @@ def qk_norm_rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain:
 def qk_norm_rope_backward(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
                           q_gain: Tensor, config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launch: (dq, dk) contiguous in q's/k's dtype, d q_gain (H,) in q_gain's dtype."""
-    dq, dk, partials, _ = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out, q, k)), cos, sin, q_gain,
-                                    config)
-    return dq, dk, partials.sum(0).to(q_gain.dtype)
+    dq, dk, sums = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out, q, k)), cos, sin, q_gain, config)
+    return dq, dk, sums[0].to(q_gain.dtype)
 
 
 def qkv_prep_forward(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
@@ -413,10 +413,10 @@ def qkv_prep_backward(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Te
     qkv = _last_dim_contiguous(qkv)
     q, k, _, _ = _split_packed(qkv, num_heads, num_kv_heads)
     d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    _, _, partials, bias_partials = _backward(
-        *(_last_dim_contiguous(t) for t in (dq_out, dk_out)), q, k, cos, sin, q_gain, config,
-        dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv)
-    return d_qkv, partials.sum(0).to(q_gain.dtype), bias_partials.sum(0).to(gate_bias.dtype)
+    _, _, sums = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out)), q, k, cos, sin, q_gain, config,
+                           dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv)
+    # a custom op's outputs may not alias each other: one of the two rows is copied
+    return d_qkv, sums[0].to(q_gain.dtype), sums[1].to(gate_bias.dtype, copy=True)
 
 
 # ----------------------------------------------------------------------------------------------
