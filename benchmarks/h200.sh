@@ -213,13 +213,11 @@ for s in "$@"; do
     # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)
     qkbench) stage qkbench "${QK_LIMIT:-120}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;
-    # inductor's generated code for the fused path's micro-step (OC_SEQS sequences, default 12; caches off so
-    # every graph is generated here): $OUT/output_code.tgz, for reading which copies sit beside the custom ops
-    outputcode) oc=/tmp/recycore_output_code; rm -rf "$oc"; mkdir -p "$oc"
-                stage outputcode "${OC_LIMIT:-240}" env TORCH_LOGS=output_code TORCH_LOGS_OUT="$oc/output_code.log" \
-                  TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 -c "from recycore.bench import micro_step; \
-from recycore.config import Config; r = micro_step('fused', Config(), batch_seqs=${OC_SEQS:-12}, repeats=3); print(r['ms'], r['compile_s'])"
-                tar czf "$OUT/output_code.tgz" -C "$oc" . ;;
+    # inductor's generated code for one micro-step (OC_PATH, default fused; OC_SEQS sequences, default 12),
+    # compiled afresh, in $OUT/output_code.tgz; the log names every kernel that only copies
+    outputcode) stage outputcode "${OC_LIMIT:-240}" python3 "$R/benchmarks/output_code.py" /tmp/output_code.py \
+                  --path "${OC_PATH:-fused}" --batch-seqs "${OC_SEQS:-12}"
+                tar czf "$OUT/output_code.tgz" -C /tmp output_code.py ;;
     # host cost per call of every launcher (benchmarks/host_cost.py) for this code and, with BASELINE=DIR
     # (a tree of recycore/ and kernels/ of an earlier commit, relative to the repo and carried;
     # BASELINE_COMMIT names it), for that code too: HOST_ROUNDS (5) alternating processes per version

@@ -135,6 +135,26 @@ def build(path: str, cfg: Config, device="cuda", backend: str = "inductor", batc
     return model, Captured(step, path, enabled=graphs)
 
 
+def pure_copy_kernels(code: str) -> list[str]:
+    """The Triton kernels of inductor's generated `code` whose whole body is one load stored unchanged:
+    layout copies, e.g. a custom op's stride constraint meeting a padded producer."""
+    kernels = re.findall(r"def (triton_\w+)\(.*?\):\n(.*?)''', device_str", code, re.S)
+    return [name for name, body in kernels
+            if body.count("tl.load") == 1 and body.count("tl.store") == 1
+            and not re.search(r"tmp\d+ = (?!tl\.load)", body)]
+
+
+def generated_code(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") -> list[str]:
+    """Inductor's generated code of `path`'s first micro-step, a module per compiled graph (forward and
+    backward), compiled afresh: a cache hit would generate nothing."""
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.compiler.config.patch(force_disable_caches=True):
+        _, step = build(path, cfg, device=device, batch_seqs=batch_seqs)
+        _, codes = run_and_get_code(step, *random_batch(cfg, batch_seqs, device))
+    return codes
+
+
 def random_batch(cfg: Config, batch_seqs: int, device="cuda"):
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_seqs, cfg.train_seq_len + 1), generator=g)

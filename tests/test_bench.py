@@ -1,4 +1,4 @@
-"""CPU tests of the benchmark tooling: the report and the profiler's kernel families."""
+"""CPU tests of the benchmark tooling: the report, the profiler's kernel families, the copy finder."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recycore.bench import kernel_family
+from recycore.bench import kernel_family, pure_copy_kernels
 
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 
@@ -23,6 +23,26 @@ REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 ])
 def test_kernel_families(name, family):
     assert kernel_family(name) == family
+
+
+def _inductor_kernel(name: str, body: str) -> str:
+    """A kernel as inductor's generated module holds it (the source string of an async_compile.triton call)."""
+    return (f"{name} = async_compile.triton('{name}', '''\n@triton.jit\n"
+            f"def {name}(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):\n{body}''', device_str='cuda')\n")
+
+
+def test_pure_copy_kernels_names_only_the_kernels_that_move_data_unchanged():
+    index = "    xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)[:]\n    x0 = xindex % 1032\n"
+    code = "\n".join([
+        _inductor_kernel("triton_poi_fused_copy_0", index + "    tmp0 = tl.load(in_ptr0 + (x0 + 1088*(xindex // 1032)), "
+                         "None).to(tl.float32)\n    tl.store(out_ptr0 + (xindex), tmp0, None)\n"),
+        _inductor_kernel("triton_poi_fused_mul_1", index + "    tmp0 = tl.load(in_ptr0 + (xindex), None)\n"
+                         "    tmp1 = tmp0 * tmp0\n    tl.store(out_ptr0 + (xindex), tmp1, None)\n"),
+        _inductor_kernel("triton_poi_fused_add_2", index + "    tmp0 = tl.load(in_ptr0 + (xindex), None)\n"
+                         "    tmp1 = tl.load(in_ptr0 + (xindex + 1), None)\n    tmp2 = tmp0 + tmp1\n"
+                         "    tl.store(out_ptr0 + (xindex), tmp2, None)\n"),
+    ])
+    assert pure_copy_kernels(code) == ["triton_poi_fused_copy_0"]
 
 
 def test_report_table_and_speedups(tmp_path):

@@ -1,6 +1,5 @@
 """K4 fused q/k rms_norm + partial RoPE + q_gain vs the plain-torch reference (autograd, float64)."""
 import importlib
-import re
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 from helpers import DEVICE, rel_err, requires_cuda
+from recycore.bench import pure_copy_kernels
 from recycore.kernels.qk_prep import (RMS_EPS, qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
                                       qk_norm_rope_reference, qkv_prep, qkv_prep_reference)
 
@@ -373,13 +373,6 @@ def test_cuda_graph_capture():
         assert torch.equal(got, want)
 
 
-def _pure_copy_kernels(code: str) -> list[str]:
-    """The generated Triton kernels whose whole body is one load stored unchanged."""
-    kernels = re.findall(r"def (triton_\w+)\(.*?\):\n(.*?)''', device_str", code, re.S)
-    return [name for name, body in kernels
-            if body.count("tl.load") == 1 and body.count("tl.store") == 1 and not re.search(r"tmp\d+ = (?!tl\.load)", body)]
-
-
 @requires_cuda
 def test_padded_projection_rows_are_read_in_place_under_inductor():
     """Inductor pads the rows of the model's packed projection output (1032 -> 1088 elements) on the GPU;
@@ -403,7 +396,7 @@ def test_padded_projection_rows_are_read_in_place_under_inductor():
     _, codes = run_and_get_code(lambda: torch.autograd.grad(compiled(*inputs), inputs))
     code = "\n".join(codes)
     assert "1088, 1)" in code, "premise: inductor no longer pads the projection's rows here; this test checks nothing"
-    assert _pure_copy_kernels(code) == []
+    assert pure_copy_kernels(code) == []
     got = torch.autograd.grad(compiled(*inputs), inputs)
     want = torch.autograd.grad(loss(*inputs), inputs)
     for g, e in zip(got, want):
