@@ -371,7 +371,7 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
     # per-head partial sums of each (batch, token block), every entry written: one reduction sums them all
     partials = torch.empty((2 if packed else 1, H, B * grid[0]), device=q.device, dtype=torch.float32)
     if dq.numel() == 0:
-        return dq, dk, partials.sum(-1)
+        return dq, dk, partials.zero_().sum(-1)
     _qk_norm_rope_bwd_kernel[grid](
         q, k, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain, partials[0], partials[-1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
