@@ -188,6 +188,42 @@ def packed_vs_views(mod):
     print(f"\n{'d(projection output), fwd+bwd':<44}{'ms':>8}")
     for name, fn in (("qkv_prep, packed", run_packed), ("qk_norm_rope on views + autograd's cat", run_views)):
         print(f"{name:<44}{_ms(fn):8.4f}")
+    values_in_op_vs_after(mod)
+
+
+def values_in_op_vs_after(mod):
+    """A layer with a value embedding and the value residual, fwd+bwd under torch.compile: the values
+    added and blended by `qkv_prep` against by inductor's kernels after it (the model before session 13).
+    By the bytes (bf16, seed shape, one v is 50 MB): about 100 MB less each way."""
+    B, T, H, h_kv, D, R = SEED_SHAPE
+    _, _, cos, sin, q_gain = make_inputs(*SEED_SHAPE, requires_grad=True)
+    bias = torch.zeros(H, device=DEVICE, requires_grad=True)
+    packed = torch.randn(B, T, (H + 2 * h_kv) * D + H, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    v_embed = torch.randn(B, T, h_kv * D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    v0 = torch.randn(B, T, h_kv, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    v_mix = torch.tensor([0.5, 0.5], device=DEVICE, requires_grad=True)
+    shapes = [(B, T, H, D), (B, T, h_kv, D), (B, T, h_kv, D), (B, T, H)]
+    grads = [torch.randn(s, device=DEVICE, dtype=torch.bfloat16) for s in shapes]
+    inputs = (packed, q_gain, bias, v_embed, v0, v_mix)
+
+    def in_op(packed, q_gain, bias, v_embed, v0, v_mix):
+        return mod.qkv_prep(packed, cos, sin, q_gain, bias, H, h_kv, v_embed, v0, v_mix)
+
+    def after(packed, q_gain, bias, v_embed, v0, v_mix):
+        q, k, v, g = mod.qkv_prep(packed, cos, sin, q_gain, bias, H, h_kv)
+        return q, k, mod.value_blend_reference(v, v_embed, v0, v_mix), g
+
+    print(f"\n{'value embedding + residual, compiled':<44}{'fwd ms':>8}{'fwd+bwd ms':>12}")
+    for name, fn in (("in qkv_prep", in_op), ("after qkv_prep (inductor)", after)):
+        compiled = torch.compile(fn, fullgraph=True)
+
+        def fwd():
+            with torch.no_grad():
+                compiled(*inputs)
+
+        def fwd_bwd():
+            torch.autograd.grad(compiled(*inputs), inputs, grads)
+        print(f"{name:<44}{_ms(fwd):8.4f}{_ms(fwd_bwd):12.4f}")
 
 
 if __name__ == "__main__":

@@ -34,11 +34,15 @@ either q (program_id(1) < H/HEADS) or k, so one launch covers both tensors in ea
 among its HEADS heads.
 
 `qkv_prep` is the same op on the whole packed projection output [q | k | v | gate logits] (the model's
-one GEMM for q, k, v and the head gate): it also hands out v and gate logits + bias, so its backward
-receives all four gradients and writes the packed gradient in one pass. Autograd through views of
-the projection output would instead concatenate dq, dk, dv and the gate's gradient in a copy (the
+one GEMM for q, k, v and the head gate): it also hands out the values and gate logits + bias, so its
+backward receives all four gradients and writes the packed gradient in one pass. Autograd through views
+of the projection output would instead concatenate dq, dk, dv and the gate's gradient in a copy (the
 custom op's outputs cannot be written in place by inductor). Grid: Hkv / HEADS more programs along
-axis 1, copying v's heads (and its gradient); the first of them also does the gate's H columns.
+axis 1 for v's heads; the first of them also does the gate's H columns. The values are the model's
+whole chain on v: raw = v + value embedding, then the value residual lambda_0 v0 + lambda_1 raw, so
+that v is read and written once (inductor's kernels after the op read v, v0 and the embedding and
+wrote the blend again); backward, d raw = lambda_1 dv goes into the packed gradient (its v columns
+are also the embedding's gradient) and d lambda = (sum dv v0, sum dv raw) joins the partial sums.
 """
 from typing import NamedTuple
 
@@ -121,16 +125,63 @@ def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh,
 
 
 @triton.jit
-def _copy_tile(x_base, o_base, offs_t, T, s_xt, s_xh, s_ot, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """(BLOCK_T, HEADS, D) rows from x (token stride s_xt, head stride s_xh) to o (token stride s_ot,
-    heads packed): v out of the projection in forward, its gradient back in backward."""
+def _raw_values(v_base, e_base, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE: tl.constexpr):
+    """v's (BLOCK_T, HEADS, D) tile of the projection, plus the value embedding's, rounded to v's dtype as
+    the model's add rounds it; fp32."""
+    v = tl.load(v_base + t * s_vt + h * s_vh + d, mask=mask, other=0.0)
+    if HAS_VE:
+        e = tl.load(e_base + t * s_et + h * s_eh + d, mask=mask, other=0.0)
+        v = (v.to(tl.float32) + e.to(tl.float32)).to(v_base.dtype.element_ty)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _blend_weights(mix_ptr, dtype: tl.constexpr):
+    """lambda_0, lambda_1 rounded to the activations' dtype, as the model's `.to(v.dtype)` rounds them."""
+    return tl.load(mix_ptr).to(dtype).to(tl.float32), tl.load(mix_ptr + 1).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _value_fwd_tile(v_base, e_base, v0_base, mix_ptr, o_base, offs_t, T, s_vt, s_vh, s_et, s_eh, s_ot,
+                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VE: tl.constexpr,
+                    RESIDUAL: tl.constexpr):
+    """The values attention reads, (BLOCK_T, HEADS, D) rows: raw = v (+ value embedding), then with
+    RESIDUAL lambda_0 v0 + lambda_1 raw (v0 laid out as the output: token stride s_ot, heads packed)."""
     t = offs_t[:, None, None]
     h = tl.arange(0, HEADS)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     mask = (t < T) & (d < HEAD_DIM)
-    x = tl.load(x_base + t * s_xt + h * s_xh + d, mask=mask, other=0.0)
-    tl.store(o_base + t * s_ot + h * HEAD_DIM + d, x.to(o_base.dtype.element_ty), mask=mask)
+    out = o_base + t * s_ot + h * HEAD_DIM + d
+    v = _raw_values(v_base, e_base, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE)
+    if RESIDUAL:
+        lam0, lam1 = _blend_weights(mix_ptr, o_base.dtype.element_ty)
+        v0 = tl.load(v0_base + t * s_ot + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
+        v = lam0 * v0 + lam1 * v
+    tl.store(out, v.to(o_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _value_bwd_tile(gv_base, v_base, e_base, v0_base, mix_ptr, d_base, offs_t, T, s_gvt, s_gvh, s_vt, s_vh,
+                    s_et, s_eh, s_v0t, s_dt, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr):
+    """d raw = lambda_1 dv (dv without RESIDUAL) into the packed gradient's v columns; returns the per-head
+    sums over the tile of dv * v0 and dv * raw (lambda's gradient shares; zeros without RESIDUAL)."""
+    t = offs_t[:, None, None]
+    h = tl.arange(0, HEADS)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (t < T) & (d < HEAD_DIM)
+    g = tl.load(gv_base + t * s_gvt + h * s_gvh + d, mask=mask, other=0.0).to(tl.float32)
+    dot0 = tl.zeros([HEADS], tl.float32)
+    dot1 = tl.zeros([HEADS], tl.float32)
+    if RESIDUAL:
+        _, lam1 = _blend_weights(mix_ptr, d_base.dtype.element_ty)
+        raw = _raw_values(v_base, e_base, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE)
+        v0 = tl.load(v0_base + t * s_v0t + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
+        dot0 = tl.sum(tl.sum(g * v0, axis=2), axis=0)  # masked lanes load 0
+        dot1 = tl.sum(tl.sum(g * raw, axis=2), axis=0)
+        g = lam1 * g
+    tl.store(d_base + t * s_dt + h * HEAD_DIM + d, g.to(d_base.dtype.element_ty), mask=mask)
+    return dot0, dot1
 
 
 @triton.jit
@@ -145,19 +196,21 @@ def _gate_fwd_tile(g_base, go_base, bias_ptr, offs_t, T, s_gt, H, BLOCK_H: tl.co
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, qo_ptr, ko_ptr, vo_ptr, go_ptr, cos_ptr, sin_ptr,
-                             gain_ptr, bias_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_gb, s_gt,
-                             cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
+def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, e_ptr, v0_ptr, mix_ptr, qo_ptr, ko_ptr, vo_ptr, go_ptr,
+                             cos_ptr, sin_ptr, gain_ptr, bias_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt,
+                             s_vh, s_gb, s_gt, s_eb, s_et, s_eh, cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-                             PACKED: tl.constexpr, BLOCK_H: tl.constexpr, ROWS_ALIGNED: tl.constexpr):
-    """Programs along axis 1: q heads, k heads, then (PACKED) v heads copied out, the first of which
-    also adds the gate's bias."""
+                             PACKED: tl.constexpr, BLOCK_H: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+                             HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Programs along axis 1: q heads, k heads, then (PACKED) v heads (plus the value embedding e, then
+    blended with v0: contiguous (B,T,Hkv,D)), the first of which also adds the gate's bias."""
     if ROWS_ALIGNED:  # strides known to be multiples of 8 elements: 16-byte accesses (see _rows_aligned)
         s_qb, s_qt, s_qh = s_qb // 8 * 8, s_qt // 8 * 8, s_qh // 8 * 8
         s_kb, s_kt, s_kh = s_kb // 8 * 8, s_kt // 8 * 8, s_kh // 8 * 8
         s_vb, s_vt, s_vh = s_vb // 8 * 8, s_vt // 8 * 8, s_vh // 8 * 8
         s_gb, s_gt = s_gb // 8 * 8, s_gt // 8 * 8
+        s_eb, s_et, s_eh = s_eb // 8 * 8, s_et // 8 * 8, s_eh // 8 * 8
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # b * batch stride can pass 2^31 elements
@@ -177,8 +230,10 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, qo_ptr, ko_ptr, vo_ptr,
                   eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
     elif PACKED:
         h0 = (pid_h - n_q - n_k) * HEADS
-        _copy_tile(v_ptr + b * s_vb + h0 * s_vh, vo_ptr + (b * T * H_KV + h0) * HEAD_DIM, offs_t, T,
-                   s_vt, s_vh, H_KV * HEAD_DIM, HEADS, HEAD_DIM, BLOCK_D)
+        out = (b * T * H_KV + h0) * HEAD_DIM
+        _value_fwd_tile(v_ptr + b * s_vb + h0 * s_vh, e_ptr + b * s_eb + h0 * s_eh, v0_ptr + out, mix_ptr,
+                        vo_ptr + out, offs_t, T, s_vt, s_vh, s_et, s_eh, H_KV * HEAD_DIM, HEADS, HEAD_DIM, BLOCK_D,
+                        HAS_VE, RESIDUAL)
         if h0 == 0:
             _gate_fwd_tile(g_ptr + b * s_gb, go_ptr + b * T * H, bias_ptr, offs_t, T, s_gt, H, BLOCK_H)
 
@@ -238,19 +293,24 @@ def _gate_bwd_tile(dg_base, d_base, offs_t, T, s_dgt, s_dgh, s_dt, H, BLOCK_H: t
 
 
 @triton.jit
-def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
-                             cos_ptr, sin_ptr, gain_ptr, part_ptr, bias_part_ptr,
-                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_gqb, s_gqt, s_gqh, s_gkb, s_gkt, s_gkh,
+def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, v_ptr, e_ptr, v0_ptr, mix_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_ptr,
+                             dk_ptr, dv_ptr, dg_ptr, cos_ptr, sin_ptr, gain_ptr, part_ptr, bias_part_ptr, mix_part_ptr,
+                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_eb, s_et, s_eh,
+                             s_gqb, s_gqt, s_gqh, s_gkb, s_gkt, s_gkh,
                              s_gvb, s_gvt, s_gvh, s_ggb, s_ggt, s_ggh, s_dqb, s_dqt, s_dkb, s_dkt,
                              cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-                             PACKED: tl.constexpr, BLOCK_H: tl.constexpr, ROWS_ALIGNED: tl.constexpr):
+                             PACKED: tl.constexpr, BLOCK_H: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+                             HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr):
     """Programs as in forward. PACKED: dq, dk, dv and the gate's gradient are column ranges of one
-    packed gradient (dq's strides for all four); the v programs copy dv in, the first also the gate's."""
+    packed gradient (dq's strides for all four); the v programs write d raw (RESIDUAL: lambda_1 dv, and
+    the d lambda partials from v, e and v0 as forward read them), the first also the gate's."""
     if ROWS_ALIGNED:  # strides known to be multiples of 8 elements: 16-byte accesses (see _rows_aligned)
         s_qb, s_qt, s_qh = s_qb // 8 * 8, s_qt // 8 * 8, s_qh // 8 * 8
         s_kb, s_kt, s_kh = s_kb // 8 * 8, s_kt // 8 * 8, s_kh // 8 * 8
+        s_vb, s_vt, s_vh = s_vb // 8 * 8, s_vt // 8 * 8, s_vh // 8 * 8
+        s_eb, s_et, s_eh = s_eb // 8 * 8, s_et // 8 * 8, s_eh // 8 * 8
         s_gqb, s_gqt, s_gqh = s_gqb // 8 * 8, s_gqt // 8 * 8, s_gqh // 8 * 8
         s_gkb, s_gkt, s_gkh = s_gkb // 8 * 8, s_gkt // 8 * 8, s_gkh // 8 * 8
         s_gvb, s_gvt, s_gvh = s_gvb // 8 * 8, s_gvt // 8 * 8, s_gvh // 8 * 8
@@ -281,8 +341,14 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_pt
                   HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
     elif PACKED:
         h0 = (pid_h - n_q - n_k) * HEADS
-        _copy_tile(gv_ptr + b * s_gvb + h0 * s_gvh, dv_ptr + b * s_dqb + h0 * HEAD_DIM, offs_t, T,
-                   s_gvt, s_gvh, s_dqt, HEADS, HEAD_DIM, BLOCK_D)
+        dot0, dot1 = _value_bwd_tile(gv_ptr + b * s_gvb + h0 * s_gvh, v_ptr + b * s_vb + h0 * s_vh,
+                                     e_ptr + b * s_eb + h0 * s_eh, v0_ptr + (b * T * H_KV + h0) * HEAD_DIM, mix_ptr,
+                                     dv_ptr + b * s_dqb + h0 * HEAD_DIM, offs_t, T, s_gvt, s_gvh, s_vt, s_vh, s_et,
+                                     s_eh, H_KV * HEAD_DIM, s_dqt, HEADS, HEAD_DIM, BLOCK_D, HAS_VE, RESIDUAL)
+        if RESIDUAL:
+            heads = h0 + tl.arange(0, HEADS)
+            tl.store(mix_part_ptr + heads * n_cols + col, dot0)
+            tl.store(mix_part_ptr + (H_KV + heads) * n_cols + col, dot1)
         if h0 == 0:
             part = _gate_bwd_tile(gg_ptr + b * s_ggb, dg_ptr + b * s_dqb, offs_t, T, s_ggt, s_ggh, s_dqt, H,
                                   BLOCK_H)
@@ -329,8 +395,17 @@ def _split_packed(qkv: Tensor, num_heads: int, num_kv_heads: int):
     return q.unflatten(-1, (num_heads, D)), k.unflatten(-1, (num_kv_heads, D)), v.unflatten(-1, (num_kv_heads, D)), g
 
 
-def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None):
-    """The forward launch: (q_out, k_out), plus with v, g (packed) (v_out, gate_out): all contiguous."""
+def _value_inputs(v, v_embed, v0, v_mix, stand_in):
+    """The value blend's kernel arguments: v_embed as (B,T,Hkv,D), v0 contiguous, and unread stand-ins
+    for the absent ones."""
+    e = stand_in if v_embed is None else _last_dim_contiguous(v_embed).unflatten(-1, v.shape[2:])
+    v0 = stand_in if v0 is None else v0.contiguous()
+    return e, v0, stand_in if v_mix is None else v_mix
+
+
+def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None, v_embed=None, v0=None, v_mix=None):
+    """The forward launch: (q_out, k_out), plus with v, g (packed) (v_out, gate_out): all contiguous.
+    v_out = v (+ v_embed), blended with v0 by v_mix when given (see `qkv_prep`)."""
     B, T, H, D = q.shape
     h_kv = k.shape[2]
     packed = v is not None
@@ -342,22 +417,26 @@ def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None):
     if q_out.numel() == 0:
         return outputs
     v, g, gate_bias = (v, g, gate_bias) if packed else (q, q, q_gain)  # unread stand-ins
+    e, v0_in, mix = _value_inputs(v, v_embed, v0, v_mix, q)
     config, heads, grid = _launch_shape(q, k, config, FWD_CONFIG, packed)
     _qk_norm_rope_fwd_kernel[grid](
-        q, k, v, g, q_out, k_out, v_out, g_out, cos, sin, q_gain, gate_bias,
+        q, k, v, g, e, v0_in, mix, q_out, k_out, v_out, g_out, cos, sin, q_gain, gate_bias,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), e.stride(0), e.stride(1), e.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         T, H, h_kv, RMS_EPS, HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
         BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H),
-        ROWS_ALIGNED=_rows_aligned(q, k, v, g), num_warps=config.num_warps)
+        ROWS_ALIGNED=_rows_aligned(q, k, v, g, e, v0_in), HAS_VE=v_embed is not None, RESIDUAL=v0 is not None,
+        num_warps=config.num_warps)
     return outputs
 
 
-def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_out=None, d_packed=None):
-    """The backward launch: dq, dk (contiguous, or column ranges of d_packed, which then also gets dv_out
-    and dg_out), and d q_gain and (packed) d gate_bias as the rows of one (1 or 2, H) fp32 tensor."""
+def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_out=None, d_packed=None, v=None,
+              v_embed=None, v0=None, v_mix=None):
+    """The backward launch: dq, dk (contiguous, or column ranges of d_packed, which then also gets d raw
+    values and dg_out), and the fp32 sums: d q_gain (H,), then (packed) d gate_bias (H,), then (v0 given)
+    d v_mix's per-kv-head shares (2 Hkv,)."""
     B, T, H, D = q.shape
     h_kv = k.shape[2]
     packed = d_packed is not None
@@ -366,15 +445,19 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
     else:
         dq = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, T, h_kv, D), device=q.device, dtype=k.dtype)
-        dv, dg, dv_out, dg_out = dq, dq, dq_out, dq_out  # unread stand-ins
+        v, dv, dg, dv_out, dg_out = q, dq, dq, dq_out, dq_out  # unread stand-ins
+    e, v0_in, mix = _value_inputs(v, v_embed, v0, v_mix, q)
     config, heads, grid = _launch_shape(q, k, config, BWD_CONFIG, packed)
     # per-head partial sums of each (batch, token block), every entry written: one reduction sums them all
-    partials = torch.empty((2 if packed else 1, H, B * grid[0]), device=q.device, dtype=torch.float32)
+    rows = H * (2 if packed else 1) + (2 * h_kv if v0 is not None else 0)
+    partials = torch.empty((rows, B * grid[0]), device=q.device, dtype=torch.float32)
     if dq.numel() == 0:
         return dq, dk, partials.zero_().sum(-1)
     _qk_norm_rope_bwd_kernel[grid](
-        q, k, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain, partials[0], partials[-1],
+        q, k, v, e, v0_in, mix, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain,
+        partials, partials[H:] if packed else partials, partials[2 * H:] if v0 is not None else partials,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), e.stride(0), e.stride(1), e.stride(2),
         dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
         dv_out.stride(0), dv_out.stride(1), dv_out.stride(2), dg_out.stride(0), dg_out.stride(1), dg_out.stride(2),
         dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
@@ -382,7 +465,8 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
         HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
         BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H),
-        ROWS_ALIGNED=_rows_aligned(q, k, dq_out, dk_out, dv_out, dg_out, dq, dk), num_warps=config.num_warps)
+        ROWS_ALIGNED=_rows_aligned(q, k, v, e, v0_in, dq_out, dk_out, dv_out, dg_out, dq, dk),
+        HAS_VE=v_embed is not None, RESIDUAL=v0 is not None, num_warps=config.num_warps)
     return dq, dk, partials.sum(-1)
 
 
@@ -396,27 +480,39 @@ def qk_norm_rope_backward(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, 
                           q_gain: Tensor, config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launch: (dq, dk) contiguous in q's/k's dtype, d q_gain (H,) in q_gain's dtype."""
     dq, dk, sums = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out, q, k)), cos, sin, q_gain, config)
-    return dq, dk, sums[0].to(q_gain.dtype)
+    return dq, dk, sums.to(q_gain.dtype)
 
 
 def qkv_prep_forward(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
-                     num_kv_heads: int, config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     num_kv_heads: int, v_embed: Tensor | None = None, v0: Tensor | None = None,
+                     v_mix: Tensor | None = None,
+                     config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The packed forward launch (no autograd): (q_out, k_out, v, gate_logits), contiguous, in qkv's dtype."""
     q, k, v, g = _split_packed(_last_dim_contiguous(qkv), num_heads, num_kv_heads)
-    return _forward(q, k, cos, sin, q_gain, config, v=v, g=g, gate_bias=gate_bias)
+    return _forward(q, k, cos, sin, q_gain, config, v=v, g=g, gate_bias=gate_bias, v_embed=v_embed, v0=v0,
+                    v_mix=v_mix)
 
 
 def qkv_prep_backward(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
                       sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int, num_kv_heads: int,
-                      config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The packed backward launch: d qkv (qkv's shape, contiguous, its dtype), d q_gain, d gate_bias."""
+                      v_embed: Tensor | None = None, v0: Tensor | None = None, v_mix: Tensor | None = None,
+                      config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The packed backward launch: d qkv (qkv's shape, contiguous, its dtype; its v columns are d raw, the
+    value embedding's gradient too), d q_gain, d gate_bias, d v_mix (zeros without v0). d v0 = lambda_0 dv
+    is left to the caller (one multiply that the compiler fuses into the sum over the blocks' shares)."""
     qkv = _last_dim_contiguous(qkv)
-    q, k, _, _ = _split_packed(qkv, num_heads, num_kv_heads)
+    q, k, v, _ = _split_packed(qkv, num_heads, num_kv_heads)
     d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     _, _, sums = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out)), q, k, cos, sin, q_gain, config,
-                           dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv)
+                           dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv, v=v,
+                           v_embed=v_embed, v0=v0, v_mix=v_mix)
+    H, h_kv = num_heads, num_kv_heads
+    if v0 is None:
+        d_mix = sums.new_zeros(2)
+    else:  # the gradient of the blend weights as the model's bf16 copy of them receives it, then cast back
+        d_mix = sums[2 * H:].view(2, h_kv).sum(-1).to(qkv.dtype).to(v_mix.dtype)
     # a custom op's outputs may not alias each other: one of the two rows is copied
-    return d_qkv, sums[0].to(q_gain.dtype), sums[1].to(gate_bias.dtype, copy=True)
+    return d_qkv, sums[:H].to(q_gain.dtype), sums[H:2 * H].to(gate_bias.dtype, copy=True), d_mix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,39 +560,51 @@ _PADDED_ROWS_OK = (torch.Tag.needs_fixed_stride_order,)
 
 @torch.library.custom_op("recycore::qkv_prep", mutates_args=(), tags=_PADDED_ROWS_OK)
 def _qkv_prep_op(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
-                 num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return qkv_prep_forward(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads)
+                 num_kv_heads: int, v_embed: Tensor | None, v0: Tensor | None,
+                 v_mix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return qkv_prep_forward(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix)
 
 
 @_qkv_prep_op.register_fake
-def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads):
+def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix):
     q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape)
 
 
 @torch.library.custom_op("recycore::qkv_prep_backward", mutates_args=(), tags=_PADDED_ROWS_OK)
 def _qkv_prep_backward_op(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
-                          sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
-                          num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                          sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int, num_kv_heads: int,
+                          v_embed: Tensor | None, v0: Tensor | None,
+                          v_mix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return qkv_prep_backward(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads,
-                             num_kv_heads)
+                             num_kv_heads, v_embed, v0, v_mix)
 
 
 @_qkv_prep_backward_op.register_fake
-def _(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads):
-    return qkv.new_empty(qkv.shape), q_gain.new_empty(q_gain.shape), gate_bias.new_empty(gate_bias.shape)
+def _(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix):
+    return (qkv.new_empty(qkv.shape), q_gain.new_empty(q_gain.shape), gate_bias.new_empty(gate_bias.shape),
+            q_gain.new_empty(2))
 
 
 def _packed_setup_context(ctx, inputs, output):
-    qkv, cos, sin, q_gain, gate_bias, ctx.num_heads, ctx.num_kv_heads = inputs
-    ctx.save_for_backward(qkv, cos, sin, q_gain, gate_bias)  # rstd is recomputed from qkv
+    qkv, cos, sin, q_gain, gate_bias, ctx.num_heads, ctx.num_kv_heads, v_embed, v0, v_mix = inputs
+    # rstd is recomputed from qkv; v0 and the value embedding are kept alive by their other readers anyway
+    ctx.save_for_backward(qkv, cos, sin, q_gain, gate_bias, v_embed, v0, v_mix)
 
 
 def _packed_autograd_backward(ctx, dq_out, dk_out, dv_out, dg_out):
-    qkv, cos, sin, q_gain, gate_bias = ctx.saved_tensors
-    d_qkv, d_gain, d_bias = _qkv_prep_backward_op(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias,
-                                                  ctx.num_heads, ctx.num_kv_heads)
-    return d_qkv, None, None, d_gain, d_bias, None, None
+    qkv, cos, sin, q_gain, gate_bias, v_embed, v0, v_mix = ctx.saved_tensors
+    H, h_kv = ctx.num_heads, ctx.num_kv_heads
+    d_qkv, d_gain, d_bias, d_mix = _qkv_prep_backward_op(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain,
+                                                         gate_bias, H, h_kv, v_embed, v0, v_mix)
+    d_embed = d_v0 = None
+    if v_embed is not None:  # d raw: the packed gradient's v columns
+        D = (qkv.shape[-1] - H) // (H + 2 * h_kv)
+        d_embed = d_qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(v_embed.shape)
+    if v0 is not None:
+        d_v0 = dv_out * v_mix.to(dv_out.dtype)[0]
+    return (d_qkv, None, None, d_gain, d_bias, None, None, d_embed, d_v0,
+            None if v0 is None else d_mix)
 
 
 _qkv_prep_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
@@ -531,11 +639,15 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor)
 
 
 def qkv_prep(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
-             num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             num_kv_heads: int, v_embed: Tensor | None = None, v0: Tensor | None = None,
+             v_mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The attention's inputs from one packed projection output qkv (B,T,(H + 2 Hkv) D + H) = [q | k | v |
-    gate logits]: q_out, k_out as `qk_norm_rope` makes them, v (B,T,Hkv,D), gate logits + gate_bias (B,T,H),
-    all contiguous; differentiable in qkv, q_gain and gate_bias. Its backward writes the packed
-    gradient in one pass (no concatenation of the four gradients)."""
+    gate logits]: q_out, k_out as `qk_norm_rope` makes them, the values (B,T,Hkv,D), gate logits +
+    gate_bias (B,T,H), all contiguous; differentiable in every tensor but cos and sin. The values are
+    raw = v + v_embed (B,T,Hkv*D; none: v), then with the value residual v_mix[0] v0 + v_mix[1] raw (v0
+    (B,T,Hkv,D), v_mix (2,), both or neither), each add rounded to qkv's dtype as the model's chain rounds
+    it (`value_blend_reference`). Its backward writes the packed gradient in one pass (no concatenation
+    of the four gradients)."""
     if qkv.ndim != 3 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be (B,T,N) with a contiguous last dim, got shape {tuple(qkv.shape)} "
                          f"strides {qkv.stride()}")
@@ -546,18 +658,46 @@ def qkv_prep(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: T
     if gate_bias.shape != (num_heads,) or gate_bias.device != qkv.device:
         raise ValueError(f"gate_bias must be (H,) = ({num_heads},) on qkv's device, got {tuple(gate_bias.shape)} "
                          f"on {gate_bias.device}")
-    q, k, _, _ = _split_packed(qkv, num_heads, num_kv_heads)
+    q, k, v, _ = _split_packed(qkv, num_heads, num_kv_heads)
     _check_inputs(q, k, cos, sin, q_gain)
-    return _qkv_prep_op(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads)
+    _check_value_inputs(v, v_embed, v0, v_mix)
+    return _qkv_prep_op(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix)
+
+
+def _check_value_inputs(v, v_embed, v0, v_mix):
+    B, T, h_kv, D = v.shape
+    if v_embed is not None and (v_embed.shape != (B, T, h_kv * D) or v_embed.dtype != v.dtype
+                                or v_embed.device != v.device):
+        raise ValueError(f"v_embed must be (B,T,Hkv*D) = ({B},{T},{h_kv * D}) in {v.dtype} on {v.device}, got "
+                         f"{tuple(v_embed.shape)} in {v_embed.dtype} on {v_embed.device}")
+    if (v0 is None) != (v_mix is None):
+        raise ValueError("v0 and v_mix come together (the value residual) or not at all")
+    if v0 is not None and (v0.shape != v.shape or v0.dtype != v.dtype or v0.device != v.device):
+        raise ValueError(f"v0 must be (B,T,Hkv,D) = {tuple(v.shape)} in {v.dtype} on {v.device}, got "
+                         f"{tuple(v0.shape)} in {v0.dtype} on {v0.device}")
+    if v_mix is not None and (v_mix.shape != (2,) or v_mix.device != v.device):
+        raise ValueError(f"v_mix must be (2,) on {v.device}, got {tuple(v_mix.shape)} on {v_mix.device}")
 
 
 def qkv_prep_reference(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
-                       num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Plain torch: the packed output split, qk_norm_rope_reference on q and k, the bias added to the gate
-    logits (in fp32, rounded once to qkv's dtype)."""
+                       num_kv_heads: int, v_embed: Tensor | None = None, v0: Tensor | None = None,
+                       v_mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Plain torch: the packed output split, qk_norm_rope_reference on q and k, value_blend_reference on
+    v, the bias added to the gate logits (in fp32, rounded once to qkv's dtype)."""
     q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
     q, k = qk_norm_rope_reference(q, k, cos, sin, q_gain)
-    return q, k, v, (g.float() + gate_bias.float()).to(qkv.dtype)
+    return q, k, value_blend_reference(v, v_embed, v0, v_mix), (g.float() + gate_bias.float()).to(qkv.dtype)
+
+
+def value_blend_reference(v: Tensor, v_embed: Tensor | None, v0: Tensor | None, v_mix: Tensor | None) -> Tensor:
+    """The model's chain on v (B,T,Hkv,D): raw = v + v_embed; with the value residual
+    v_mix[0] v0 + v_mix[1] raw, v_mix in v's dtype."""
+    if v_embed is not None:
+        v = v + v_embed.view_as(v)
+    if v0 is not None:
+        lam = v_mix.to(v.dtype)
+        v = lam[0] * v0 + lam[1] * v
+    return v
 
 
 def _apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -149,24 +149,21 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, u: Tensor, q_w: Tensor, k_w: Tensor, v_w: Tensor, out_w: Tensor, out_scale: Tensor,
                 v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(out_scale * Attn(u), u's raw values v before the value residual)."""
+        """(out_scale * Attn(u), the values v it attended to: without v0, u's raw values)."""
         B, T, _ = u.shape
         cfg = self.cfg
         # q, k, v = u W_q^T, u W_k^T, u W_v^T split into heads; q, k = rms(q), rms(k); partial RoPE on
-        # the first rope_dims dims; q *= q_gain[h]; the head gate's logits u W_g^T + b_g
+        # the first rope_dims dims; q *= q_gain[h]; the head gate's logits u W_g^T + b_g;
+        # v = v + v_embed, then the value residual v = lam_0 v0 + lam_1 v
         cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, u.device)
         gate = self.attn_gate
+        residual = (v0, self.vr_lambda) if cfg.value_residual and v0 is not None else None
         q, k, v, gate_logits = ops.attention_inputs(
             u, q_w, k_w, v_w, None if gate is None else gate.weight, None if gate is None else gate.bias,
-            cos, sin, self.q_gain, self.num_heads, self.num_kv_heads, cfg.kernels)
-        if v_embed is not None:
-            v = v + v_embed.view_as(v)
-        raw_v = v
-        if cfg.value_residual and v0 is not None:
-            lam = self.vr_lambda.to(v.dtype)
-            v = lam[0] * v0 + lam[1] * v
+            cos, sin, self.q_gain, self.num_heads, self.num_kv_heads, cfg.kernels, v_embed=v_embed,
+            value_residual=residual)
         y = ops.gated_xsa_attention(q, k, v, gate_logits, self.use_xsa, cfg.kernels)
-        return ops.scaled_linear(y.reshape(B, T, -1), out_w, out_scale, cfg.kernels), raw_v
+        return ops.scaled_linear(y.reshape(B, T, -1), out_w, out_scale, cfg.kernels), v
 
 
 def layer_norm_scale(cfg: Config, layer_idx: int) -> float:
@@ -195,11 +192,11 @@ class Block(nn.Module):
         x_in = mix[0] * x + mix[1] * x0
         u = ops.rms_norm(x_in) * self.ln_scale
         # the scales multiply the attention's and the MLP's outputs (folded into their last weights, fused)
-        a, raw_v = self.attn(u, q_w, k_w, v_w, out_w, self.attn_scale.to(x.dtype), v_embed=v_embed, v0=v0)
+        a, v = self.attn(u, q_w, k_w, v_w, out_w, self.attn_scale.to(x.dtype), v_embed=v_embed, v0=v0)
         x = x_in + a
         mlp_in = u if self.parallel_residual else ops.rms_norm(x) * self.ln_scale
         x = x + ops.leaky_relu2_mlp(mlp_in, up_w, down_w, self.cfg.kernels, out_scale=self.mlp_scale.to(x.dtype))
-        return x, raw_v
+        return x, v
 
 
 # ---------------------------------------------------------------------------
@@ -281,12 +278,11 @@ class GPT(nn.Module):
         x = ops.rms_norm(x)
         x = self.smear(x)
         x0, v0, skips, ve_cache = x, None, [], {}
-        # Encoder: push skips; layer 0's raw values feed the value residual.
+        # Encoder: push skips; layer 0's values (raw: no v0 to blend with) feed the value residual.
         for i in range(self.num_encoder_layers):
-            x, raw_v = self.blocks[i](x, x0, *self.bank_weights(i),
-                                      v_embed=self.value_embedding(i, ids, ve_cache), v0=v0)
+            x, v = self.blocks[i](x, x0, *self.bank_weights(i), v_embed=self.value_embedding(i, ids, ve_cache), v0=v0)
             if v0 is None and self.cfg.value_residual:
-                v0 = raw_v
+                v0 = v
             skips.append(x)
         # Recycled core: the same physical blocks again, no VE, nothing pushed.
         mods = iter(self.recycle_mods)

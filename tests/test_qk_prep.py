@@ -86,9 +86,22 @@ def _packed_inputs(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0):
     return qkv, cos, sin, q_gain, gate_bias
 
 
-def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_grads=False):
+def _value_inputs(B, T, h_kv, D, dtype, values, device=DEVICE):
+    """The values' optional inputs: v_embed (B,T,Hkv*D) with "embed" in values; v0 and the blend weights
+    v_mix with "residual"."""
+    v_embed = v0 = v_mix = None
+    if "embed" in values:
+        v_embed = torch.randn(B, T, h_kv * D, device=device, dtype=dtype).requires_grad_()
+    if "residual" in values:
+        v0 = (2 * torch.randn(B, T, h_kv, D, device=device, dtype=dtype)).requires_grad_()
+        v_mix = (torch.rand(2, device=device) + 0.25).requires_grad_()
+    return v_embed, v0, v_mix
+
+
+def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_grads=False, values=""):
     qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, dtype, device, row_pad)
-    outs = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv)
+    extra = _value_inputs(B, T, h_kv, D, dtype, values, device)
+    outs = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, *extra)
     shapes = [(B, T, H, D), (B, T, h_kv, D), (B, T, h_kv, D), (B, T, H)]
     assert [tuple(o.shape) for o in outs] == shapes
     assert all(o.dtype == dtype and o.is_contiguous() for o in outs)
@@ -96,10 +109,13 @@ def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_
         grads = [torch.randn(B, s[2], T, *s[3:], device=device, dtype=dtype).transpose(1, 2) for s in shapes]
     else:
         grads = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
-    got = torch.autograd.grad(outs, (qkv, q_gain, gate_bias), grads)
+    present = [t for t in extra if t is not None]
+    got = torch.autograd.grad(outs, (qkv, q_gain, gate_bias, *present), grads)
 
-    ref_in = [t.detach().double().requires_grad_() for t in (qkv, q_gain, gate_bias)]
-    ref = qkv_prep_reference(ref_in[0], cos.double(), sin.double(), ref_in[1], ref_in[2], H, h_kv)
+    ref_in = [t.detach().double().requires_grad_() for t in (qkv, q_gain, gate_bias, *present)]
+    ref_extra = iter(ref_in[3:])
+    ref = qkv_prep_reference(ref_in[0], cos.double(), sin.double(), ref_in[1], ref_in[2], H, h_kv,
+                             *(None if t is None else next(ref_extra) for t in extra))
     want = torch.autograd.grad(ref, ref_in, [g.double() for g in grads])
     tol = TOL[dtype]
     for o, r in zip(outs, ref):
@@ -108,10 +124,13 @@ def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_
     bounds = [0, H * D, (H + h_kv) * D, (H + 2 * h_kv) * D, qkv.shape[-1]]  # dq, dk, dv, d gate columns
     for lo, hi in zip(bounds, bounds[1:]):
         assert rel_err(got[0][..., lo:hi], want[0][..., lo:hi]) < tol
-    assert rel_err(got[1], want[1]) < tol and rel_err(got[2], want[2]) < tol
+    for g, w, t in zip(got[1:], want[1:], (q_gain, gate_bias, *present)):
+        assert g.dtype == t.dtype and g.shape == t.shape and rel_err(g, w) < tol
 
 
-CHECKS = {"views": _check, "packed": _check_packed}  # qk_norm_rope on q/k views, qkv_prep on the whole output
+# qk_norm_rope on q/k views; qkv_prep on the whole output, without and with the value embedding + residual
+CHECKS = {"views": _check, "packed": _check_packed,
+          "packed-values": lambda *shape: _check_packed(*shape, values="embed+residual")}
 
 
 @pytest.mark.parametrize("layout", CHECKS)
@@ -128,7 +147,27 @@ def test_matches_reference_bf16(shape, layout, nan_empty):
 
 def test_packed_strided_input_and_grads(nan_empty):
     """qkv rows further apart than its width; every output gradient in a transposed layout."""
-    _check_packed(2, 23, 8, 4, 32, 16, torch.float32, row_pad=24, strided_grads=True)
+    _check_packed(2, 23, 8, 4, 32, 16, torch.float32, row_pad=24, strided_grads=True, values="embed+residual")
+
+
+@pytest.mark.parametrize("values", ["embed", "residual"])
+def test_value_embedding_and_residual_alone(values, nan_empty):
+    _check_packed(2, 19, 4, 2, 32, 8, torch.float32, values=values)
+
+
+@requires_cuda
+def test_values_follow_the_models_bf16_chain():
+    """In bf16 the values are the model's chain to the bit where it rounds once per op: raw = v + v_embed
+    rounded, the blend weights rounded to bf16, lambda_0 v0 + lambda_1 raw rounded once (as the compiled
+    model, which keeps the blend's products in fp32). GPU only: the CPU interpreter truncates casts."""
+    B, T, H, h_kv, D, R = 2, 2048, 8, 4, 64, 16
+    cuda = torch.device("cuda")
+    qkv, cos, sin, q_gain, gate_bias = (t.detach() for t in _packed_inputs(B, T, H, h_kv, D, R, torch.bfloat16, cuda))
+    v_embed, v0, v_mix = (t.detach() for t in _value_inputs(B, T, h_kv, D, torch.bfloat16, "embed+residual", cuda))
+    _, _, v, _ = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, v_embed, v0, v_mix)
+    raw = qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D) + v_embed.view(B, T, h_kv, D)
+    lam = v_mix.to(torch.bfloat16).float()
+    assert torch.equal(v, (lam[0] * v0.float() + lam[1] * raw.float()).to(torch.bfloat16))
 
 
 def test_packed_is_the_split_op():
@@ -142,7 +181,7 @@ def test_packed_is_the_split_op():
     assert all(torch.equal(a, b) for a, b in zip((q_out, k_out), qk_norm_rope(q, k, cos, sin, q_gain)))
     assert torch.equal(v, qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D))
     g_q, g_k = torch.randn_like(q_out), torch.randn_like(k_out)
-    d_qkv, d_gain, d_bias = qk_prep.qkv_prep_backward(g_q, g_k, torch.zeros_like(v), torch.zeros_like(gate), qkv,
+    d_qkv, d_gain, d_bias, _ = qk_prep.qkv_prep_backward(g_q, g_k, torch.zeros_like(v), torch.zeros_like(gate), qkv,
                                                       cos, sin, q_gain, gate_bias, H, h_kv)
     dq, dk, d_gain_views = qk_norm_rope_backward(g_q, g_k, q, k, cos, sin, q_gain)
     assert torch.equal(d_qkv[..., :H * D], dq.flatten(2)) and torch.equal(d_qkv[..., H * D:(H + h_kv) * D], dk.flatten(2))
@@ -244,11 +283,14 @@ def test_opcheck():
 def test_opcheck_packed():
     B, T, H, h_kv, D, R = 1, 5, 4, 2, 32, 8
     qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, torch.float32)
-    torch.library.opcheck(torch.ops.recycore.qkv_prep.default, (qkv, cos, sin, q_gain, gate_bias, H, h_kv))
     grads = (torch.randn(B, T, H, D, device=DEVICE), torch.randn(B, T, h_kv, D, device=DEVICE),
              torch.randn(B, T, h_kv, D, device=DEVICE), torch.randn(B, T, H, device=DEVICE))
-    torch.library.opcheck(torch.ops.recycore.qkv_prep_backward.default,
-                          (*grads, qkv.detach(), cos, sin, q_gain.detach(), gate_bias.detach(), H, h_kv))
+    for values in ("", "embed+residual"):
+        extra = _value_inputs(B, T, h_kv, D, torch.float32, values)
+        torch.library.opcheck(torch.ops.recycore.qkv_prep.default, (qkv, cos, sin, q_gain, gate_bias, H, h_kv, *extra))
+        torch.library.opcheck(torch.ops.recycore.qkv_prep_backward.default,
+                              (*grads, qkv.detach(), cos, sin, q_gain.detach(), gate_bias.detach(), H, h_kv,
+                               *(None if t is None else t.detach() for t in extra)))
 
 
 def test_packed_input_checks():
@@ -262,6 +304,17 @@ def test_packed_input_checks():
         qkv_prep(qkv.mT.contiguous().mT, cos, sin, q_gain, gate_bias, H, h_kv)
     with pytest.raises(ValueError, match="q_gain"):
         qkv_prep(qkv, cos, sin, q_gain[:-1], gate_bias, H, h_kv)
+    v_embed, v0, v_mix = (t.detach() for t in _value_inputs(B, T, h_kv, D, torch.float32, "embed+residual"))
+    with pytest.raises(ValueError, match="v_embed must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, v_embed[..., :-1])
+    with pytest.raises(ValueError, match="v_embed must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, v_embed.double())
+    with pytest.raises(ValueError, match="come together"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, None, v0, None)
+    with pytest.raises(ValueError, match="v0 must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, None, v0[:, :-1], v_mix)
+    with pytest.raises(ValueError, match="v_mix must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, None, v0, v_mix[:1])
 
 
 def test_torch_compile_fullgraph():

@@ -128,17 +128,22 @@ def _qk_prep(direction):
         _body(qk_prep._qk_norm_rope_backward_op)(_empty(*q.shape), _empty(*k.shape), q, k, cos, sin, q_gain)
 
 
-def _qkv_prep(direction):
-    """K4 q/k prep on the packed [q | k | v | gate] projection output (the model's training path)."""
+def _qkv_prep(direction, values=False):
+    """K4 q/k prep on the packed [q | k | v | gate] projection output (the model's training path); values:
+    with a value embedding and the value residual (layers that have both)."""
     qkv = _empty(BATCH, T, (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS)
     cos = sin = _empty(T, SEED.rope_dims // 2, dtype=torch.float32)
     q_gain, gate_bias = _empty(HEADS, dtype=torch.float32), _empty(HEADS, dtype=torch.float32)
+    extra = (None, None, None)
+    if values:
+        extra = (_empty(BATCH, T, KV_HEADS * HEAD_DIM), _empty(BATCH, T, KV_HEADS, HEAD_DIM),
+                 _empty(2, dtype=torch.float32))
     if direction == "fwd":
-        _body(qk_prep._qkv_prep_op)(qkv, cos, sin, q_gain, gate_bias, HEADS, KV_HEADS)
+        _body(qk_prep._qkv_prep_op)(qkv, cos, sin, q_gain, gate_bias, HEADS, KV_HEADS, *extra)
     else:
         grads = (_empty(BATCH, T, HEADS, HEAD_DIM), _empty(BATCH, T, KV_HEADS, HEAD_DIM),
                  _empty(BATCH, T, KV_HEADS, HEAD_DIM), _empty(BATCH, T, HEADS))
-        _body(qk_prep._qkv_prep_backward_op)(*grads, qkv, cos, sin, q_gain, gate_bias, HEADS, KV_HEADS)
+        _body(qk_prep._qkv_prep_backward_op)(*grads, qkv, cos, sin, q_gain, gate_bias, HEADS, KV_HEADS, *extra)
 
 
 # The int5 model's packed matrices (c_v is shaped as c_k, attn.proj as c_q): (out, in, activation)
@@ -204,6 +209,7 @@ def _scenarios():
     for direction in ("fwd", "bwd"):
         s[f"qk_prep-{direction}"] = partial(_qk_prep, direction), [f"_qk_norm_rope_{direction}_kernel"]
         s[f"qkv_prep-{direction}"] = partial(_qkv_prep, direction), [f"_qk_norm_rope_{direction}_kernel"]
+        s[f"qkv_prep-values-{direction}"] = partial(_qkv_prep, direction, True), [f"_qk_norm_rope_{direction}_kernel"]
     for matrix in INT5_MATRICES:  # the int5 model's evaluation
         s[f"int5-{matrix}-M{EVAL_ROWS}"] = partial(_int5, matrix, EVAL_ROWS), [_large_m_kernel(matrix)]
     for matrix in ("c_q", "mlp.fc", "mlp.proj"):  # small M: the template (splitk, its split rows summed in
@@ -389,12 +395,14 @@ def test_every_kernel_has_a_case():
     assert kernels == {kernel for _, kernel in CASES}
 
 
+@pytest.mark.parametrize("values", ["", "-values"])
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
-def test_packed_projection_rows_move_16_bytes_per_access(direction, sm90_worker, tmp_path):
+def test_packed_projection_rows_move_16_bytes_per_access(direction, values, sm90_worker, tmp_path):
     """qkv_prep reads (forward) and writes (backward) rows 1032 elements apart, which Triton cannot tell
     are 16-byte aligned: without the kernels' alignment promise its sm_90 build moved them 2 bytes at a
-    time (58 such accesses each way). Left: the gate's 8 columns (2 accesses)."""
-    [counts] = sm90_worker.submit(_global_accesses, f"qkv_prep-{direction}", f"_qk_norm_rope_{direction}_kernel",
+    time (58 such accesses each way). Left: the gate's 8 columns (2 accesses). "-values": the value
+    embedding and v0 read, the blend written, as 16-byte vectors too."""
+    [counts] = sm90_worker.submit(_global_accesses, f"qkv_prep{values}-{direction}", f"_qk_norm_rope_{direction}_kernel",
                                   str(tmp_path)).result()
     two_byte = counts.get("ld.global.b16", 0) + counts.get("st.global.b16", 0)
     assert two_byte <= 4 and counts.get("ld.global.v4.b32", 0) + counts.get("st.global.v4.b32", 0) >= 8, counts
