@@ -188,33 +188,41 @@ def packed_vs_views(mod):
     print(f"\n{'d(projection output), fwd+bwd':<44}{'ms':>8}")
     for name, fn in (("qkv_prep, packed", run_packed), ("qk_norm_rope on views + autograd's cat", run_views)):
         print(f"{name:<44}{_ms(fn):8.4f}")
-    values_in_op_vs_after(mod)
+    folds_vs_inductor(mod)
 
 
-def values_in_op_vs_after(mod):
-    """A layer with a value embedding and the value residual, fwd+bwd under torch.compile: the values
-    added and blended by `qkv_prep` against by inductor's kernels after it (the model before session 13).
-    By the bytes (bf16, seed shape, one v is 50 MB): about 100 MB less each way."""
+def folds_vs_inductor(mod):
+    """One layer's attention inputs from the block input x, fwd+bwd under torch.compile, two ways: the
+    model's fused path (the input norm folded into `qkv_prep` as row scales, the value embedding and the
+    value residual in it too: sessions 13's folds) against the norm, the projection and `qkv_prep`, with
+    the embedding and the blend in inductor's kernels after it (the model before). By the bytes (bf16, seed
+    shape): u (100 MB) neither written nor kept for backward, and about 100 MB less each way for the values."""
+    import torch.nn.functional as F
     B, T, H, h_kv, D, R = SEED_SHAPE
+    d = 512
     _, _, cos, sin, q_gain = make_inputs(*SEED_SHAPE, requires_grad=True)
     bias = torch.zeros(H, device=DEVICE, requires_grad=True)
-    packed = torch.randn(B, T, (H + 2 * h_kv) * D + H, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(B, T, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn((H + 2 * h_kv) * D + H, d, device=DEVICE) / d ** 0.5).to(torch.bfloat16).requires_grad_()
     v_embed = torch.randn(B, T, h_kv * D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     v0 = torch.randn(B, T, h_kv, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     v_mix = torch.tensor([0.5, 0.5], device=DEVICE, requires_grad=True)
+    norm_scale = torch.tensor(0.5, device=DEVICE)
     shapes = [(B, T, H, D), (B, T, h_kv, D), (B, T, h_kv, D), (B, T, H)]
     grads = [torch.randn(s, device=DEVICE, dtype=torch.bfloat16) for s in shapes]
-    inputs = (packed, q_gain, bias, v_embed, v0, v_mix)
+    inputs = (x, w, q_gain, bias, v_embed, v0, v_mix)
 
-    def in_op(packed, q_gain, bias, v_embed, v0, v_mix):
-        return mod.qkv_prep(packed, cos, sin, q_gain, bias, H, h_kv, v_embed, v0, v_mix)
+    def folded(x, w, q_gain, bias, v_embed, v0, v_mix):
+        row_scale = torch.rsqrt(x.float().square().mean(-1) + mod.RMS_EPS) * norm_scale
+        return mod.qkv_prep(F.linear(x, w), cos, sin, q_gain, bias, H, h_kv, v_embed, v0, v_mix, row_scale)
 
-    def after(packed, q_gain, bias, v_embed, v0, v_mix):
-        q, k, v, g = mod.qkv_prep(packed, cos, sin, q_gain, bias, H, h_kv)
+    def unfolded(x, w, q_gain, bias, v_embed, v0, v_mix):
+        u = F.rms_norm(x, (d,)) * norm_scale
+        q, k, v, g = mod.qkv_prep(F.linear(u, w), cos, sin, q_gain, bias, H, h_kv)
         return q, k, mod.value_blend_reference(v, v_embed, v0, v_mix), g
 
-    print(f"\n{'value embedding + residual, compiled':<44}{'fwd ms':>8}{'fwd+bwd ms':>12}")
-    for name, fn in (("in qkv_prep", in_op), ("after qkv_prep (inductor)", after)):
+    print(f"\n{'attention inputs from x, compiled':<44}{'fwd ms':>8}{'fwd+bwd ms':>12}")
+    for name, fn in (("norm, values folded into qkv_prep", folded), ("norm, values by inductor", unfolded)):
         compiled = torch.compile(fn, fullgraph=True)
 
         def fwd():

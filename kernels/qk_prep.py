@@ -41,8 +41,13 @@ custom op's outputs cannot be written in place by inductor). Grid: Hkv / HEADS m
 axis 1 for v's heads; the first of them also does the gate's H columns. The values are the model's
 whole chain on v: raw = v + value embedding, then the value residual lambda_0 v0 + lambda_1 raw, so
 that v is read and written once (inductor's kernels after the op read v, v0 and the embedding and
-wrote the blend again); backward, d raw = lambda_1 dv goes into the packed gradient (its v columns
-are also the embedding's gradient) and d lambda = (sum dv v0, sum dv raw) joins the partial sums.
+wrote the blend again); backward, d raw = lambda_1 dv goes into the packed gradient and d lambda =
+(sum dv v0, sum dv raw) joins the partial sums. With row scales the op also takes the projection's
+input RMSNorm: the GEMM multiplies the un-normed x, and each row of its output is scaled by
+s / rms(x) of its token on load (rms_norm(x) s W^T = (x W^T) s / rms(x)), so the normed input u is never
+written nor kept for backward; backward scales the packed gradient's rows likewise and returns d scale
+per token (sum over the row of d(scaled) * loaded), each program's share in a row of a
+(programs along axis 1, B T) workspace that one sum reduces.
 """
 from typing import NamedTuple
 
@@ -92,9 +97,28 @@ def _load_halves(rows, t, row_ok, cos_ptr, sin_ptr, cos_st, cos_sd, sin_st, sin_
 
 
 @triton.jit
-def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh, s_ot, cos_st, cos_sd,
+def _row_scales(rs_base, offs_t, T, ROW_SCALE: tl.constexpr):
+    """The tokens' row scales (BLOCK_T,) fp32 (ones without ROW_SCALE: unread)."""
+    if ROW_SCALE:
+        rs = tl.load(rs_base + offs_t, mask=offs_t < T, other=0.0)
+    else:
+        rs = tl.full(offs_t.shape, 1.0, tl.float32)
+    return rs
+
+
+@triton.jit
+def _row_scaled(x, rs, dtype: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """With ROW_SCALE, x times its row's scale rounded to the projection's dtype (the model rounds the
+    projection of its normed input there), in fp32; else x."""
+    if ROW_SCALE:
+        x = (x * rs).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, rs, offs_t, T, s_xt, s_xh, s_ot, cos_st, cos_sd,
               sin_st, sin_sd, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, APPLY_GAIN: tl.constexpr):
+              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, APPLY_GAIN: tl.constexpr, ROW_SCALE: tl.constexpr):
     t = offs_t[:, None, None]
     h = tl.arange(0, HEADS)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
@@ -102,7 +126,8 @@ def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh,
     mask = row_ok & (d < HEAD_DIM)
     x_rows = x_base + t * s_xt + h * s_xh
     o_rows = o_base + t * s_ot + h * HEAD_DIM
-    x = tl.load(x_rows + d, mask=mask, other=0.0).to(tl.float32)
+    dtype = x_base.dtype.element_ty
+    x = _row_scaled(tl.load(x_rows + d, mask=mask, other=0.0).to(tl.float32), rs, dtype, ROW_SCALE)
     rstd = tl.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
     y = x * rstd
     if APPLY_GAIN:
@@ -111,8 +136,8 @@ def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh,
     if HALF > 0:
         x1, x2, c, s, dh, ok = _load_halves(x_rows, t, row_ok, cos_ptr, sin_ptr, cos_st, cos_sd, sin_st, sin_sd,
                                             HALF, BLOCK_HALF)
-        y1 = x1 * rstd
-        y2 = x2 * rstd
+        y1 = _row_scaled(x1, rs, dtype, ROW_SCALE) * rstd
+        y2 = _row_scaled(x2, rs, dtype, ROW_SCALE) * rstd
         o1 = y1 * c + y2 * s  # the reference's order: x1 cos + x2 sin, x1 (-sin) + x2 cos
         o2 = y1 * (-s) + y2 * c
         if APPLY_GAIN:
@@ -125,14 +150,17 @@ def _fwd_tile(x_base, o_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh,
 
 
 @triton.jit
-def _raw_values(v_base, e_base, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE: tl.constexpr):
-    """v's (BLOCK_T, HEADS, D) tile of the projection, plus the value embedding's, rounded to v's dtype as
-    the model's add rounds it; fp32."""
-    v = tl.load(v_base + t * s_vt + h * s_vh + d, mask=mask, other=0.0)
+def _raw_values(v_base, e_base, rs, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE: tl.constexpr,
+                ROW_SCALE: tl.constexpr):
+    """v's (BLOCK_T, HEADS, D) tile of the projection as loaded, and raw = v (row-scaled) plus the value
+    embedding's tile, each step rounded to v's dtype as the model's chain rounds it; both fp32."""
+    dtype = v_base.dtype.element_ty
+    v = tl.load(v_base + t * s_vt + h * s_vh + d, mask=mask, other=0.0).to(tl.float32)
+    raw = _row_scaled(v, rs, dtype, ROW_SCALE)
     if HAS_VE:
-        e = tl.load(e_base + t * s_et + h * s_eh + d, mask=mask, other=0.0)
-        v = (v.to(tl.float32) + e.to(tl.float32)).to(v_base.dtype.element_ty)
-    return v.to(tl.float32)
+        e = tl.load(e_base + t * s_et + h * s_eh + d, mask=mask, other=0.0).to(tl.float32)
+        raw = (raw + e).to(dtype).to(tl.float32)
+    return v, raw
 
 
 @triton.jit
@@ -142,69 +170,47 @@ def _blend_weights(mix_ptr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _value_fwd_tile(v_base, e_base, v0_base, mix_ptr, o_base, offs_t, T, s_vt, s_vh, s_et, s_eh, s_ot,
+def _value_fwd_tile(v_base, e_base, v0_base, mix_ptr, o_base, rs, offs_t, T, s_vt, s_vh, s_et, s_eh, s_ot,
                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VE: tl.constexpr,
-                    RESIDUAL: tl.constexpr):
-    """The values attention reads, (BLOCK_T, HEADS, D) rows: raw = v (+ value embedding), then with
-    RESIDUAL lambda_0 v0 + lambda_1 raw (v0 laid out as the output: token stride s_ot, heads packed)."""
+                    RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """The values attention reads, (BLOCK_T, HEADS, D) rows: raw (see _raw_values), then with RESIDUAL
+    lambda_0 v0 + lambda_1 raw (v0 laid out as the output: token stride s_ot, heads packed)."""
     t = offs_t[:, None, None]
     h = tl.arange(0, HEADS)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     mask = (t < T) & (d < HEAD_DIM)
-    out = o_base + t * s_ot + h * HEAD_DIM + d
-    v = _raw_values(v_base, e_base, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE)
+    _, v = _raw_values(v_base, e_base, rs, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE, ROW_SCALE)
     if RESIDUAL:
         lam0, lam1 = _blend_weights(mix_ptr, o_base.dtype.element_ty)
         v0 = tl.load(v0_base + t * s_ot + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
         v = lam0 * v0 + lam1 * v
-    tl.store(out, v.to(o_base.dtype.element_ty), mask=mask)
+    tl.store(o_base + t * s_ot + h * HEAD_DIM + d, v.to(o_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _value_bwd_tile(gv_base, v_base, e_base, v0_base, mix_ptr, d_base, offs_t, T, s_gvt, s_gvh, s_vt, s_vh,
-                    s_et, s_eh, s_v0t, s_dt, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr):
-    """d raw = lambda_1 dv (dv without RESIDUAL) into the packed gradient's v columns; returns the per-head
-    sums over the tile of dv * v0 and dv * raw (lambda's gradient shares; zeros without RESIDUAL)."""
-    t = offs_t[:, None, None]
-    h = tl.arange(0, HEADS)[None, :, None]
-    d = tl.arange(0, BLOCK_D)[None, None, :]
-    mask = (t < T) & (d < HEAD_DIM)
-    g = tl.load(gv_base + t * s_gvt + h * s_gvh + d, mask=mask, other=0.0).to(tl.float32)
-    dot0 = tl.zeros([HEADS], tl.float32)
-    dot1 = tl.zeros([HEADS], tl.float32)
-    if RESIDUAL:
-        _, lam1 = _blend_weights(mix_ptr, d_base.dtype.element_ty)
-        raw = _raw_values(v_base, e_base, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE)
-        v0 = tl.load(v0_base + t * s_v0t + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
-        dot0 = tl.sum(tl.sum(g * v0, axis=2), axis=0)  # masked lanes load 0
-        dot1 = tl.sum(tl.sum(g * raw, axis=2), axis=0)
-        g = lam1 * g
-    tl.store(d_base + t * s_dt + h * HEAD_DIM + d, g.to(d_base.dtype.element_ty), mask=mask)
-    return dot0, dot1
-
-
-@triton.jit
-def _gate_fwd_tile(g_base, go_base, bias_ptr, offs_t, T, s_gt, H, BLOCK_H: tl.constexpr):
-    """gate_out = g + bias for (BLOCK_T, H) gate logits (the bias added in fp32)."""
+def _gate_fwd_tile(g_base, go_base, bias_ptr, rs, offs_t, T, s_gt, H, BLOCK_H: tl.constexpr,
+                   ROW_SCALE: tl.constexpr):
+    """gate_out = g (row-scaled) + bias for (BLOCK_T, H) gate logits (the bias added in fp32)."""
     t = offs_t[:, None]
     h = tl.arange(0, BLOCK_H)[None, :]
     mask = (t < T) & (h < H)
     g = tl.load(g_base + t * s_gt + h, mask=mask, other=0.0).to(tl.float32)
+    g = _row_scaled(g, rs, g_base.dtype.element_ty, ROW_SCALE)
     g += tl.load(bias_ptr + h, mask=h < H, other=0.0).to(tl.float32)
     tl.store(go_base + t * H + h, g.to(go_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, e_ptr, v0_ptr, mix_ptr, qo_ptr, ko_ptr, vo_ptr, go_ptr,
-                             cos_ptr, sin_ptr, gain_ptr, bias_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt,
-                             s_vh, s_gb, s_gt, s_eb, s_et, s_eh, cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
-                             HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, e_ptr, v0_ptr, mix_ptr, rs_ptr, qo_ptr, ko_ptr, vo_ptr,
+                             go_ptr, cos_ptr, sin_ptr, gain_ptr, bias_ptr, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb,
+                             s_vt, s_vh, s_gb, s_gt, s_eb, s_et, s_eh, cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV,
+                             eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
                              PACKED: tl.constexpr, BLOCK_H: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-                             HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr):
+                             HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr):
     """Programs along axis 1: q heads, k heads, then (PACKED) v heads (plus the value embedding e, then
-    blended with v0: contiguous (B,T,Hkv,D)), the first of which also adds the gate's bias."""
+    blended with v0: contiguous (B,T,Hkv,D)), the first of which also adds the gate's bias. ROW_SCALE:
+    every input row is first multiplied by its token's scale (rs: contiguous (B,T) fp32)."""
     if ROWS_ALIGNED:  # strides known to be multiples of 8 elements: 16-byte accesses (see _rows_aligned)
         s_qb, s_qt, s_qh = s_qb // 8 * 8, s_qt // 8 * 8, s_qh // 8 * 8
         s_kb, s_kt, s_kh = s_kb // 8 * 8, s_kt // 8 * 8, s_kh // 8 * 8
@@ -215,34 +221,39 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, e_ptr, v0_ptr, mix_ptr,
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # b * batch stride can pass 2^31 elements
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rs = _row_scales(rs_ptr + b * T, offs_t, T, ROW_SCALE)
     n_q = H // HEADS
     n_k = H_KV // HEADS
     # Each branch inlines the whole tile so no pointer/stride has to be merged across branches.
     if pid_h < n_q:
         h0 = pid_h * HEADS
         _fwd_tile(q_ptr + b * s_qb + h0 * s_qh, qo_ptr + (b * T * H + h0) * HEAD_DIM, gain_ptr + h0,
-                  cos_ptr, sin_ptr, offs_t, T, s_qt, s_qh, H * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd, eps,
-                  HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
+                  cos_ptr, sin_ptr, rs[:, None, None], offs_t, T, s_qt, s_qh, H * HEAD_DIM, cos_st, cos_sd, sin_st,
+                  sin_sd, eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True, ROW_SCALE)
     elif pid_h < n_q + n_k:
         h0 = (pid_h - n_q) * HEADS
         _fwd_tile(k_ptr + b * s_kb + h0 * s_kh, ko_ptr + (b * T * H_KV + h0) * HEAD_DIM, gain_ptr,
-                  cos_ptr, sin_ptr, offs_t, T, s_kt, s_kh, H_KV * HEAD_DIM, cos_st, cos_sd, sin_st, sin_sd,
-                  eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
+                  cos_ptr, sin_ptr, rs[:, None, None], offs_t, T, s_kt, s_kh, H_KV * HEAD_DIM, cos_st, cos_sd,
+                  sin_st, sin_sd, eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False, ROW_SCALE)
     elif PACKED:
         h0 = (pid_h - n_q - n_k) * HEADS
         out = (b * T * H_KV + h0) * HEAD_DIM
         _value_fwd_tile(v_ptr + b * s_vb + h0 * s_vh, e_ptr + b * s_eb + h0 * s_eh, v0_ptr + out, mix_ptr,
-                        vo_ptr + out, offs_t, T, s_vt, s_vh, s_et, s_eh, H_KV * HEAD_DIM, HEADS, HEAD_DIM, BLOCK_D,
-                        HAS_VE, RESIDUAL)
+                        vo_ptr + out, rs[:, None, None], offs_t, T, s_vt, s_vh, s_et, s_eh, H_KV * HEAD_DIM, HEADS,
+                        HEAD_DIM, BLOCK_D, HAS_VE, RESIDUAL, ROW_SCALE)
         if h0 == 0:
-            _gate_fwd_tile(g_ptr + b * s_gb, go_ptr + b * T * H, bias_ptr, offs_t, T, s_gt, H, BLOCK_H)
+            _gate_fwd_tile(g_ptr + b * s_gb, go_ptr + b * T * H, bias_ptr, rs[:, None], offs_t, T, s_gt, H, BLOCK_H,
+                           ROW_SCALE)
 
 
 @triton.jit
-def _bwd_tile(x_base, g_base, dx_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_xt, s_xh, s_gt, s_gh, s_dt,
+def _bwd_tile(x_base, g_base, dx_base, gain_ptr, cos_ptr, sin_ptr, rs, offs_t, T, s_xt, s_xh, s_gt, s_gh, s_dt,
               cos_st, cos_sd, sin_st, sin_sd, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, APPLY_GAIN: tl.constexpr):
-    """dx of one tile; returns the per-head sums over its rows of s = sum_d u*y (HEADS,)."""
+              BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, APPLY_GAIN: tl.constexpr,
+              ROW_SCALE: tl.constexpr):
+    """dx of one tile (ROW_SCALE: of the unscaled input, rs * the scaled input's); returns the per-head sums
+    over its rows of s = sum_d u*y (HEADS,) and (ROW_SCALE) the per-token sums of d(scaled) * x, the row
+    scales' gradient shares (BLOCK_T,)."""
     t = offs_t[:, None, None]
     h = tl.arange(0, HEADS)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
@@ -251,65 +262,121 @@ def _bwd_tile(x_base, g_base, dx_base, gain_ptr, cos_ptr, sin_ptr, offs_t, T, s_
     x_rows = x_base + t * s_xt + h * s_xh
     g_rows = g_base + t * s_gt + h * s_gh
     dx_rows = dx_base + t * s_dt + h * HEAD_DIM
+    dtype = x_base.dtype.element_ty
     x = tl.load(x_rows + d, mask=mask, other=0.0).to(tl.float32)
+    xs = _row_scaled(x, rs, dtype, ROW_SCALE)
     u = tl.load(g_rows + d, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
-    y = x * rstd
+    rstd = tl.rsqrt(tl.sum(xs * xs, axis=2) / HEAD_DIM + eps)[:, :, None]
+    y = xs * rstd
     scale = rstd
     if APPLY_GAIN:
         scale = scale * tl.load(gain_ptr + tl.arange(0, HEADS)).to(tl.float32)[None, :, None]
+    token_dot = tl.zeros(offs_t.shape, tl.float32)
     if HALF > 0:
         x1, x2, c, s, dh, ok = _load_halves(x_rows, t, row_ok, cos_ptr, sin_ptr, cos_st, cos_sd, sin_st, sin_sd,
                                             HALF, BLOCK_HALF)
         g1 = tl.load(g_rows + dh, mask=ok, other=0.0).to(tl.float32)
         g2 = tl.load(g_rows + HALF + dh, mask=ok, other=0.0).to(tl.float32)
-        y1 = x1 * rstd
-        y2 = x2 * rstd
+        y1 = _row_scaled(x1, rs, dtype, ROW_SCALE) * rstd
+        y2 = _row_scaled(x2, rs, dtype, ROW_SCALE) * rstd
         u1 = g1 * c - g2 * s  # the transposed rotation
         u2 = g1 * s + g2 * c
         mask = mask & (d >= 2 * HALF)  # the full tile now stands for the pass-through dims only
         u = tl.where(mask, u, 0.0)
         row_dot = tl.sum(u * y, axis=2) + tl.sum(u1 * y1, axis=2) + tl.sum(u2 * y2, axis=2)
         mean_dot = (row_dot / HEAD_DIM)[:, :, None]
-        tl.store(dx_rows + dh, (scale * (u1 - y1 * mean_dot)).to(dx_base.dtype.element_ty), mask=ok)
-        tl.store(dx_rows + HALF + dh, (scale * (u2 - y2 * mean_dot)).to(dx_base.dtype.element_ty), mask=ok)
+        dx1 = scale * (u1 - y1 * mean_dot)
+        dx2 = scale * (u2 - y2 * mean_dot)
+        if ROW_SCALE:
+            token_dot += tl.sum(tl.sum(dx1 * x1 + dx2 * x2, axis=2), axis=1)
+            dx1 = dx1 * rs
+            dx2 = dx2 * rs
+        tl.store(dx_rows + dh, dx1.to(dx_base.dtype.element_ty), mask=ok)
+        tl.store(dx_rows + HALF + dh, dx2.to(dx_base.dtype.element_ty), mask=ok)
     else:
         row_dot = tl.sum(u * y, axis=2)
         mean_dot = (row_dot / HEAD_DIM)[:, :, None]
-    tl.store(dx_rows + d, (scale * (u - y * mean_dot)).to(dx_base.dtype.element_ty), mask=mask)
-    return tl.sum(row_dot, axis=0)  # masked rows contribute 0
+    dx = scale * (u - y * mean_dot)
+    if ROW_SCALE:
+        token_dot += tl.sum(tl.sum(tl.where(mask, dx * x, 0.0), axis=2), axis=1)
+        dx = dx * rs
+    tl.store(dx_rows + d, dx.to(dx_base.dtype.element_ty), mask=mask)
+    return tl.sum(row_dot, axis=0), token_dot  # masked rows contribute 0
 
 
 @triton.jit
-def _gate_bwd_tile(dg_base, d_base, offs_t, T, s_dgt, s_dgh, s_dt, H, BLOCK_H: tl.constexpr):
-    """The gate logits' gradient into the packed gradient (d_base: its gate columns); returns its
-    per-head sums over the tile's tokens (the bias's gradient share, (BLOCK_H,))."""
+def _value_bwd_tile(gv_base, v_base, e_base, v0_base, mix_ptr, d_base, rs, offs_t, T, s_gvt, s_gvh, s_vt, s_vh,
+                    s_et, s_eh, s_v0t, s_dt, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """d raw = lambda_1 dv (dv without RESIDUAL), times rs (ROW_SCALE), into the packed gradient's v
+    columns; returns the per-head sums over the tile of dv * v0 and dv * raw (lambda's gradient shares;
+    zeros without RESIDUAL) and the per-token sums of d raw * v (the row scales' shares; zeros without
+    ROW_SCALE)."""
+    t = offs_t[:, None, None]
+    h = tl.arange(0, HEADS)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (t < T) & (d < HEAD_DIM)
+    g = tl.load(gv_base + t * s_gvt + h * s_gvh + d, mask=mask, other=0.0).to(tl.float32)
+    dot0 = tl.zeros([HEADS], tl.float32)
+    dot1 = tl.zeros([HEADS], tl.float32)
+    token_dot = tl.zeros(offs_t.shape, tl.float32)
+    if RESIDUAL or ROW_SCALE:
+        v, raw = _raw_values(v_base, e_base, rs, t, h, d, mask, s_vt, s_vh, s_et, s_eh, HAS_VE, ROW_SCALE)
+        if RESIDUAL:
+            _, lam1 = _blend_weights(mix_ptr, d_base.dtype.element_ty)
+            v0 = tl.load(v0_base + t * s_v0t + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
+            dot0 = tl.sum(tl.sum(g * v0, axis=2), axis=0)  # masked lanes load 0
+            dot1 = tl.sum(tl.sum(g * raw, axis=2), axis=0)
+            g = (lam1 * g).to(d_base.dtype.element_ty).to(tl.float32)  # d raw, as the model's bf16 autograd has it
+        if ROW_SCALE:
+            token_dot = tl.sum(tl.sum(g * v, axis=2), axis=1)
+            g = g * rs
+    tl.store(d_base + t * s_dt + h * HEAD_DIM + d, g.to(d_base.dtype.element_ty), mask=mask)
+    return dot0, dot1, token_dot
+
+
+@triton.jit
+def _gate_bwd_tile(dg_base, g_base, d_base, rs, offs_t, T, s_dgt, s_dgh, s_gt, s_dt, H, BLOCK_H: tl.constexpr,
+                   ROW_SCALE: tl.constexpr):
+    """The gate logits' gradient (times rs with ROW_SCALE) into the packed gradient (d_base: its gate
+    columns); returns its per-head sums over the tile's tokens (the bias's gradient share, (BLOCK_H,)) and
+    the per-token sums of d gate * g (the row scales' shares; zeros without ROW_SCALE)."""
     t = offs_t[:, None]
     h = tl.arange(0, BLOCK_H)[None, :]
     mask = (t < T) & (h < H)
-    dg = tl.load(dg_base + t * s_dgt + h * s_dgh, mask=mask, other=0.0)
-    tl.store(d_base + t * s_dt + h, dg.to(d_base.dtype.element_ty), mask=mask)
-    return tl.sum(dg.to(tl.float32), axis=0)
+    dg = tl.load(dg_base + t * s_dgt + h * s_dgh, mask=mask, other=0.0).to(tl.float32)
+    token_dot = tl.zeros(offs_t.shape, tl.float32)
+    d_raw = dg
+    if ROW_SCALE:
+        g = tl.load(g_base + t * s_gt + h, mask=mask, other=0.0).to(tl.float32)
+        token_dot = tl.sum(dg * g, axis=1)
+        d_raw = dg * rs
+    tl.store(d_base + t * s_dt + h, d_raw.to(d_base.dtype.element_ty), mask=mask)
+    return tl.sum(dg, axis=0), token_dot
 
 
 @triton.jit
-def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, v_ptr, e_ptr, v0_ptr, mix_ptr, gq_ptr, gk_ptr, gv_ptr, gg_ptr, dq_ptr,
-                             dk_ptr, dv_ptr, dg_ptr, cos_ptr, sin_ptr, gain_ptr, part_ptr, bias_part_ptr, mix_part_ptr,
-                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_eb, s_et, s_eh,
+def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, e_ptr, v0_ptr, mix_ptr, rs_ptr, gq_ptr, gk_ptr, gv_ptr,
+                             gg_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, cos_ptr, sin_ptr, gain_ptr, part_ptr,
+                             bias_part_ptr, mix_part_ptr, rs_part_ptr,
+                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_gb, s_gt, s_eb, s_et, s_eh,
                              s_gqb, s_gqt, s_gqh, s_gkb, s_gkt, s_gkh,
                              s_gvb, s_gvt, s_gvh, s_ggb, s_ggt, s_ggh, s_dqb, s_dqt, s_dkb, s_dkt,
                              cos_st, cos_sd, sin_st, sin_sd, T, H, H_KV, eps,
                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
                              PACKED: tl.constexpr, BLOCK_H: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-                             HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr):
+                             HAS_VE: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr):
     """Programs as in forward. PACKED: dq, dk, dv and the gate's gradient are column ranges of one
     packed gradient (dq's strides for all four); the v programs write d raw (RESIDUAL: lambda_1 dv, and
-    the d lambda partials from v, e and v0 as forward read them), the first also the gate's."""
+    the d lambda partials from v, e and v0 as forward read them), the first also the gate's. ROW_SCALE:
+    every gradient row times its token's scale, and each program's per-token share of the scales'
+    gradient in row pid_h of the (programs along axis 1, B T) workspace at rs_part_ptr."""
     if ROWS_ALIGNED:  # strides known to be multiples of 8 elements: 16-byte accesses (see _rows_aligned)
         s_qb, s_qt, s_qh = s_qb // 8 * 8, s_qt // 8 * 8, s_qh // 8 * 8
         s_kb, s_kt, s_kh = s_kb // 8 * 8, s_kt // 8 * 8, s_kh // 8 * 8
         s_vb, s_vt, s_vh = s_vb // 8 * 8, s_vt // 8 * 8, s_vh // 8 * 8
+        s_gb, s_gt = s_gb // 8 * 8, s_gt // 8 * 8
         s_eb, s_et, s_eh = s_eb // 8 * 8, s_et // 8 * 8, s_eh // 8 * 8
         s_gqb, s_gqt, s_gqh = s_gqb // 8 * 8, s_gqt // 8 * 8, s_gqh // 8 * 8
         s_gkb, s_gkt, s_gkh = s_gkb // 8 * 8, s_gkt // 8 * 8, s_gkh // 8 * 8
@@ -321,6 +388,8 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, v_ptr, e_ptr, v0_ptr, mix_ptr, gq_ptr
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = offs_t < T
+    rs = _row_scales(rs_ptr + b * T, offs_t, T, ROW_SCALE)
     n_q = H // HEADS
     n_k = H_KV // HEADS
     # workspace: a row per head, a column per program's (b, token block), so the sums reduce contiguous rows
@@ -328,32 +397,37 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, v_ptr, e_ptr, v0_ptr, mix_ptr, gq_ptr
     n_cols = tl.num_programs(0) * tl.num_programs(2)
     if pid_h < n_q:
         h0 = pid_h * HEADS
-        part = _bwd_tile(q_ptr + b * s_qb + h0 * s_qh, gq_ptr + b * s_gqb + h0 * s_gqh,
-                         dq_ptr + b * s_dqb + h0 * HEAD_DIM, gain_ptr + h0, cos_ptr, sin_ptr, offs_t, T,
-                         s_qt, s_qh, s_gqt, s_gqh, s_dqt, cos_st, cos_sd, sin_st, sin_sd, eps,
-                         HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True)
+        part, token_dot = _bwd_tile(q_ptr + b * s_qb + h0 * s_qh, gq_ptr + b * s_gqb + h0 * s_gqh,
+                                    dq_ptr + b * s_dqb + h0 * HEAD_DIM, gain_ptr + h0, cos_ptr, sin_ptr,
+                                    rs[:, None, None], offs_t, T, s_qt, s_qh, s_gqt, s_gqh, s_dqt, cos_st, cos_sd,
+                                    sin_st, sin_sd, eps, HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, True, ROW_SCALE)
         tl.store(part_ptr + (h0 + tl.arange(0, HEADS)) * n_cols + col, part)
     elif pid_h < n_q + n_k:
         h0 = (pid_h - n_q) * HEADS
-        _bwd_tile(k_ptr + b * s_kb + h0 * s_kh, gk_ptr + b * s_gkb + h0 * s_gkh,
-                  dk_ptr + b * s_dkb + h0 * HEAD_DIM, gain_ptr, cos_ptr, sin_ptr, offs_t, T,
-                  s_kt, s_kh, s_gkt, s_gkh, s_dkt, cos_st, cos_sd, sin_st, sin_sd, eps,
-                  HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False)
-    elif PACKED:
+        _, token_dot = _bwd_tile(k_ptr + b * s_kb + h0 * s_kh, gk_ptr + b * s_gkb + h0 * s_gkh,
+                                 dk_ptr + b * s_dkb + h0 * HEAD_DIM, gain_ptr, cos_ptr, sin_ptr, rs[:, None, None],
+                                 offs_t, T, s_kt, s_kh, s_gkt, s_gkh, s_dkt, cos_st, cos_sd, sin_st, sin_sd, eps,
+                                 HEADS, HEAD_DIM, BLOCK_D, HALF, BLOCK_HALF, False, ROW_SCALE)
+    else:  # PACKED: the launch has v programs only then
         h0 = (pid_h - n_q - n_k) * HEADS
-        dot0, dot1 = _value_bwd_tile(gv_ptr + b * s_gvb + h0 * s_gvh, v_ptr + b * s_vb + h0 * s_vh,
-                                     e_ptr + b * s_eb + h0 * s_eh, v0_ptr + (b * T * H_KV + h0) * HEAD_DIM, mix_ptr,
-                                     dv_ptr + b * s_dqb + h0 * HEAD_DIM, offs_t, T, s_gvt, s_gvh, s_vt, s_vh, s_et,
-                                     s_eh, H_KV * HEAD_DIM, s_dqt, HEADS, HEAD_DIM, BLOCK_D, HAS_VE, RESIDUAL)
+        dot0, dot1, token_dot = _value_bwd_tile(
+            gv_ptr + b * s_gvb + h0 * s_gvh, v_ptr + b * s_vb + h0 * s_vh, e_ptr + b * s_eb + h0 * s_eh,
+            v0_ptr + (b * T * H_KV + h0) * HEAD_DIM, mix_ptr, dv_ptr + b * s_dqb + h0 * HEAD_DIM, rs[:, None, None],
+            offs_t, T, s_gvt, s_gvh, s_vt, s_vh, s_et, s_eh, H_KV * HEAD_DIM, s_dqt, HEADS, HEAD_DIM, BLOCK_D,
+            HAS_VE, RESIDUAL, ROW_SCALE)
         if RESIDUAL:
             heads = h0 + tl.arange(0, HEADS)
             tl.store(mix_part_ptr + heads * n_cols + col, dot0)
             tl.store(mix_part_ptr + (H_KV + heads) * n_cols + col, dot1)
         if h0 == 0:
-            part = _gate_bwd_tile(gg_ptr + b * s_ggb, dg_ptr + b * s_dqb, offs_t, T, s_ggt, s_ggh, s_dqt, H,
-                                  BLOCK_H)
+            part, gate_token_dot = _gate_bwd_tile(gg_ptr + b * s_ggb, g_ptr + b * s_gb, dg_ptr + b * s_dqb,
+                                                  rs[:, None], offs_t, T, s_ggt, s_ggh, s_gt, s_dqt, H, BLOCK_H,
+                                                  ROW_SCALE)
+            token_dot += gate_token_dot
             h = tl.arange(0, BLOCK_H)
             tl.store(bias_part_ptr + h * n_cols + col, part, mask=h < H)
+    if ROW_SCALE:
+        tl.store(rs_part_ptr + pid_h * (tl.num_programs(2) * T) + b * T + offs_t, token_dot, mask=token_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,9 +477,11 @@ def _value_inputs(v, v_embed, v0, v_mix, stand_in):
     return e, v0, stand_in if v_mix is None else v_mix
 
 
-def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None, v_embed=None, v0=None, v_mix=None):
+def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None, v_embed=None, v0=None, v_mix=None,
+             row_scale=None):
     """The forward launch: (q_out, k_out), plus with v, g (packed) (v_out, gate_out): all contiguous.
-    v_out = v (+ v_embed), blended with v0 by v_mix when given (see `qkv_prep`)."""
+    v_out = v (+ v_embed), blended with v0 by v_mix when given; (packed) every row times row_scale first
+    (see `qkv_prep`)."""
     B, T, H, D = q.shape
     h_kv = k.shape[2]
     packed = v is not None
@@ -420,7 +496,8 @@ def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None, v_e
     e, v0_in, mix = _value_inputs(v, v_embed, v0, v_mix, q)
     config, heads, grid = _launch_shape(q, k, config, FWD_CONFIG, packed)
     _qk_norm_rope_fwd_kernel[grid](
-        q, k, v, g, e, v0_in, mix, q_out, k_out, v_out, g_out, cos, sin, q_gain, gate_bias,
+        q, k, v, g, e, v0_in, mix, q if row_scale is None else row_scale.contiguous(), q_out, k_out, v_out, g_out,
+        cos, sin, q_gain, gate_bias,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), e.stride(0), e.stride(1), e.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
@@ -428,15 +505,15 @@ def _forward(q, k, cos, sin, q_gain, config, v=None, g=None, gate_bias=None, v_e
         BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H),
         ROWS_ALIGNED=_rows_aligned(q, k, v, g, e, v0_in), HAS_VE=v_embed is not None, RESIDUAL=v0 is not None,
-        num_warps=config.num_warps)
+        ROW_SCALE=row_scale is not None, num_warps=config.num_warps)
     return outputs
 
 
 def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_out=None, d_packed=None, v=None,
-              v_embed=None, v0=None, v_mix=None):
+              g=None, v_embed=None, v0=None, v_mix=None, row_scale=None):
     """The backward launch: dq, dk (contiguous, or column ranges of d_packed, which then also gets d raw
-    values and dg_out), and the fp32 sums: d q_gain (H,), then (packed) d gate_bias (H,), then (v0 given)
-    d v_mix's per-kv-head shares (2 Hkv,)."""
+    values and the gate's gradient), the fp32 sums: d q_gain (H,), then (packed) d gate_bias (H,), then
+    (v0 given) d v_mix's per-kv-head shares (2 Hkv,); and d row_scale (B,T) fp32 (None without one)."""
     B, T, H, D = q.shape
     h_kv = k.shape[2]
     packed = d_packed is not None
@@ -445,19 +522,24 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
     else:
         dq = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, T, h_kv, D), device=q.device, dtype=k.dtype)
-        v, dv, dg, dv_out, dg_out = q, dq, dq, dq_out, dq_out  # unread stand-ins
+        v, g, dv, dg, dv_out, dg_out = q, q, dq, dq, dq_out, dq_out  # unread stand-ins
     e, v0_in, mix = _value_inputs(v, v_embed, v0, v_mix, q)
     config, heads, grid = _launch_shape(q, k, config, BWD_CONFIG, packed)
     # per-head partial sums of each (batch, token block), every entry written: one reduction sums them all
     rows = H * (2 if packed else 1) + (2 * h_kv if v0 is not None else 0)
     partials = torch.empty((rows, B * grid[0]), device=q.device, dtype=torch.float32)
+    # the row scales' gradient: each program's per-token share, a row per program along axis 1
+    token_partials = None if row_scale is None else torch.empty((grid[1], B * T), device=q.device,
+                                                                dtype=torch.float32)
     if dq.numel() == 0:
-        return dq, dk, partials.zero_().sum(-1)
+        d_row_scale = None if row_scale is None else token_partials.zero_().sum(0).view(B, T)
+        return dq, dk, partials.zero_().sum(-1), d_row_scale
     _qk_norm_rope_bwd_kernel[grid](
-        q, k, v, e, v0_in, mix, dq_out, dk_out, dv_out, dg_out, dq, dk, dv, dg, cos, sin, q_gain,
-        partials, partials[H:] if packed else partials, partials[2 * H:] if v0 is not None else partials,
+        q, k, v, g, e, v0_in, mix, q if row_scale is None else row_scale.contiguous(), dq_out, dk_out, dv_out,
+        dg_out, dq, dk, dv, dg, cos, sin, q_gain, partials, partials[H:] if packed else partials,
+        partials[2 * H:] if v0 is not None else partials, partials if row_scale is None else token_partials,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), e.stride(0), e.stride(1), e.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), e.stride(0), e.stride(1), e.stride(2),
         dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
         dv_out.stride(0), dv_out.stride(1), dv_out.stride(2), dg_out.stride(0), dg_out.stride(1), dg_out.stride(2),
         dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
@@ -465,9 +547,11 @@ def _backward(dq_out, dk_out, q, k, cos, sin, q_gain, config, dv_out=None, dg_ou
         HEADS=heads, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=cos.shape[1],
         BLOCK_HALF=triton.next_power_of_2(max(cos.shape[1], 1)),
         BLOCK_T=config.block_t, PACKED=packed, BLOCK_H=triton.next_power_of_2(H),
-        ROWS_ALIGNED=_rows_aligned(q, k, v, e, v0_in, dq_out, dk_out, dv_out, dg_out, dq, dk),
-        HAS_VE=v_embed is not None, RESIDUAL=v0 is not None, num_warps=config.num_warps)
-    return dq, dk, partials.sum(-1)
+        ROWS_ALIGNED=_rows_aligned(q, k, v, g, e, v0_in, dq_out, dk_out, dv_out, dg_out, dq, dk),
+        HAS_VE=v_embed is not None, RESIDUAL=v0 is not None, ROW_SCALE=row_scale is not None,
+        num_warps=config.num_warps)
+    d_row_scale = None if row_scale is None else token_partials.sum(0).view(B, T)
+    return dq, dk, partials.sum(-1), d_row_scale
 
 
 def qk_norm_rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor,
@@ -479,40 +563,44 @@ def qk_norm_rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain:
 def qk_norm_rope_backward(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
                           q_gain: Tensor, config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launch: (dq, dk) contiguous in q's/k's dtype, d q_gain (H,) in q_gain's dtype."""
-    dq, dk, sums = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out, q, k)), cos, sin, q_gain, config)
+    dq, dk, sums, _ = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out, q, k)), cos, sin, q_gain, config)
     return dq, dk, sums.to(q_gain.dtype)
 
 
 def qkv_prep_forward(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
                      num_kv_heads: int, v_embed: Tensor | None = None, v0: Tensor | None = None,
-                     v_mix: Tensor | None = None,
+                     v_mix: Tensor | None = None, row_scale: Tensor | None = None,
                      config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The packed forward launch (no autograd): (q_out, k_out, v, gate_logits), contiguous, in qkv's dtype."""
     q, k, v, g = _split_packed(_last_dim_contiguous(qkv), num_heads, num_kv_heads)
     return _forward(q, k, cos, sin, q_gain, config, v=v, g=g, gate_bias=gate_bias, v_embed=v_embed, v0=v0,
-                    v_mix=v_mix)
+                    v_mix=v_mix, row_scale=row_scale)
 
 
 def qkv_prep_backward(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
                       sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int, num_kv_heads: int,
                       v_embed: Tensor | None = None, v0: Tensor | None = None, v_mix: Tensor | None = None,
-                      config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The packed backward launch: d qkv (qkv's shape, contiguous, its dtype; its v columns are d raw, the
-    value embedding's gradient too), d q_gain, d gate_bias, d v_mix (zeros without v0). d v0 = lambda_0 dv
-    is left to the caller (one multiply that the compiler fuses into the sum over the blocks' shares)."""
+                      row_scale: Tensor | None = None,
+                      config: QKPrepConfig | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The packed backward launch: d qkv (qkv's shape, contiguous, its dtype), d q_gain, d gate_bias,
+    d v_mix (zeros without v0), d row_scale (B,T) fp32 (empty without it). The gradients of v0 (lambda_0 dv)
+    and of the value embedding (d raw = lambda_1 dv) are left to the caller: a multiply each, which the
+    compiler fuses into the sum over the blocks' shares and the embedding's own backward."""
     qkv = _last_dim_contiguous(qkv)
-    q, k, v, _ = _split_packed(qkv, num_heads, num_kv_heads)
+    q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
     d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    _, _, sums = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out)), q, k, cos, sin, q_gain, config,
-                           dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv, v=v,
-                           v_embed=v_embed, v0=v0, v_mix=v_mix)
+    _, _, sums, d_row_scale = _backward(*(_last_dim_contiguous(t) for t in (dq_out, dk_out)), q, k, cos, sin, q_gain,
+                                        config, dv_out=_last_dim_contiguous(dv_out), dg_out=dg_out, d_packed=d_qkv,
+                                        v=v, g=g, v_embed=v_embed, v0=v0, v_mix=v_mix, row_scale=row_scale)
     H, h_kv = num_heads, num_kv_heads
     if v0 is None:
         d_mix = sums.new_zeros(2)
     else:  # the gradient of the blend weights as the model's bf16 copy of them receives it, then cast back
         d_mix = sums[2 * H:].view(2, h_kv).sum(-1).to(qkv.dtype).to(v_mix.dtype)
+    if d_row_scale is None:
+        d_row_scale = sums.new_empty(0)
     # a custom op's outputs may not alias each other: one of the two rows is copied
-    return d_qkv, sums[:H].to(q_gain.dtype), sums[H:2 * H].to(gate_bias.dtype, copy=True), d_mix
+    return d_qkv, sums[:H].to(q_gain.dtype), sums[H:2 * H].to(gate_bias.dtype, copy=True), d_mix, d_row_scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,13 +648,14 @@ _PADDED_ROWS_OK = (torch.Tag.needs_fixed_stride_order,)
 
 @torch.library.custom_op("recycore::qkv_prep", mutates_args=(), tags=_PADDED_ROWS_OK)
 def _qkv_prep_op(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
-                 num_kv_heads: int, v_embed: Tensor | None, v0: Tensor | None,
-                 v_mix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return qkv_prep_forward(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix)
+                 num_kv_heads: int, v_embed: Tensor | None, v0: Tensor | None, v_mix: Tensor | None,
+                 row_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return qkv_prep_forward(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix,
+                            row_scale)
 
 
 @_qkv_prep_op.register_fake
-def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix):
+def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix, row_scale):
     q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape)
 
@@ -574,37 +663,36 @@ def _(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_
 @torch.library.custom_op("recycore::qkv_prep_backward", mutates_args=(), tags=_PADDED_ROWS_OK)
 def _qkv_prep_backward_op(dq_out: Tensor, dk_out: Tensor, dv_out: Tensor, dg_out: Tensor, qkv: Tensor, cos: Tensor,
                           sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int, num_kv_heads: int,
-                          v_embed: Tensor | None, v0: Tensor | None,
-                          v_mix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          v_embed: Tensor | None, v0: Tensor | None, v_mix: Tensor | None,
+                          row_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return qkv_prep_backward(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads,
-                             num_kv_heads, v_embed, v0, v_mix)
+                             num_kv_heads, v_embed, v0, v_mix, row_scale)
 
 
 @_qkv_prep_backward_op.register_fake
-def _(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix):
+def _(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix,
+      row_scale):
     return (qkv.new_empty(qkv.shape), q_gain.new_empty(q_gain.shape), gate_bias.new_empty(gate_bias.shape),
-            q_gain.new_empty(2))
+            q_gain.new_empty(2), q_gain.new_empty(0 if row_scale is None else row_scale.shape))
 
 
 def _packed_setup_context(ctx, inputs, output):
-    qkv, cos, sin, q_gain, gate_bias, ctx.num_heads, ctx.num_kv_heads, v_embed, v0, v_mix = inputs
+    qkv, cos, sin, q_gain, gate_bias, ctx.num_heads, ctx.num_kv_heads, v_embed, v0, v_mix, row_scale = inputs
     # rstd is recomputed from qkv; v0 and the value embedding are kept alive by their other readers anyway
-    ctx.save_for_backward(qkv, cos, sin, q_gain, gate_bias, v_embed, v0, v_mix)
+    ctx.save_for_backward(qkv, cos, sin, q_gain, gate_bias, v_embed, v0, v_mix, row_scale)
 
 
 def _packed_autograd_backward(ctx, dq_out, dk_out, dv_out, dg_out):
-    qkv, cos, sin, q_gain, gate_bias, v_embed, v0, v_mix = ctx.saved_tensors
-    H, h_kv = ctx.num_heads, ctx.num_kv_heads
-    d_qkv, d_gain, d_bias, d_mix = _qkv_prep_backward_op(dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain,
-                                                         gate_bias, H, h_kv, v_embed, v0, v_mix)
-    d_embed = d_v0 = None
-    if v_embed is not None:  # d raw: the packed gradient's v columns
-        D = (qkv.shape[-1] - H) // (H + 2 * h_kv)
-        d_embed = d_qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(v_embed.shape)
-    if v0 is not None:
-        d_v0 = dv_out * v_mix.to(dv_out.dtype)[0]
-    return (d_qkv, None, None, d_gain, d_bias, None, None, d_embed, d_v0,
-            None if v0 is None else d_mix)
+    qkv, cos, sin, q_gain, gate_bias, v_embed, v0, v_mix, row_scale = ctx.saved_tensors
+    d_qkv, d_gain, d_bias, d_mix, d_row_scale = _qkv_prep_backward_op(
+        dq_out, dk_out, dv_out, dg_out, qkv, cos, sin, q_gain, gate_bias, ctx.num_heads, ctx.num_kv_heads, v_embed,
+        v0, v_mix, row_scale)
+    lam = None if v0 is None else v_mix.to(dv_out.dtype)
+    d_embed = None
+    if v_embed is not None:  # d raw
+        d_embed = (dv_out if v0 is None else dv_out * lam[1]).reshape(v_embed.shape)
+    return (d_qkv, None, None, d_gain, d_bias, None, None, d_embed, None if v0 is None else dv_out * lam[0],
+            None if v0 is None else d_mix, None if row_scale is None else d_row_scale)
 
 
 _qkv_prep_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
@@ -640,14 +728,16 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor)
 
 def qkv_prep(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
              num_kv_heads: int, v_embed: Tensor | None = None, v0: Tensor | None = None,
-             v_mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             v_mix: Tensor | None = None, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The attention's inputs from one packed projection output qkv (B,T,(H + 2 Hkv) D + H) = [q | k | v |
     gate logits]: q_out, k_out as `qk_norm_rope` makes them, the values (B,T,Hkv,D), gate logits +
     gate_bias (B,T,H), all contiguous; differentiable in every tensor but cos and sin. The values are
     raw = v + v_embed (B,T,Hkv*D; none: v), then with the value residual v_mix[0] v0 + v_mix[1] raw (v0
     (B,T,Hkv,D), v_mix (2,), both or neither), each add rounded to qkv's dtype as the model's chain rounds
-    it (`value_blend_reference`). Its backward writes the packed gradient in one pass (no concatenation
-    of the four gradients)."""
+    it (`value_blend_reference`). row_scale (B,T) fp32: every row of qkv is first multiplied by its token's
+    scale (and rounded to qkv's dtype), which folds the projection's input RMSNorm into this op: for
+    u = rms(x) s, u W^T = (x W^T) * s / rms(x), so the GEMM takes x and u is never written. Its backward
+    writes the packed gradient in one pass (no concatenation of the four gradients)."""
     if qkv.ndim != 3 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be (B,T,N) with a contiguous last dim, got shape {tuple(qkv.shape)} "
                          f"strides {qkv.stride()}")
@@ -661,7 +751,11 @@ def qkv_prep(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: T
     q, k, v, _ = _split_packed(qkv, num_heads, num_kv_heads)
     _check_inputs(q, k, cos, sin, q_gain)
     _check_value_inputs(v, v_embed, v0, v_mix)
-    return _qkv_prep_op(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix)
+    if row_scale is not None and (row_scale.shape != qkv.shape[:2] or row_scale.dtype != torch.float32
+                                  or row_scale.device != qkv.device):
+        raise ValueError(f"row_scale must be (B,T) = {tuple(qkv.shape[:2])} fp32 on qkv's device, got "
+                         f"{tuple(row_scale.shape)} {row_scale.dtype} on {row_scale.device}")
+    return _qkv_prep_op(qkv, cos, sin, q_gain, gate_bias, num_heads, num_kv_heads, v_embed, v0, v_mix, row_scale)
 
 
 def _check_value_inputs(v, v_embed, v0, v_mix):
@@ -681,9 +775,12 @@ def _check_value_inputs(v, v_embed, v0, v_mix):
 
 def qkv_prep_reference(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, gate_bias: Tensor, num_heads: int,
                        num_kv_heads: int, v_embed: Tensor | None = None, v0: Tensor | None = None,
-                       v_mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Plain torch: the packed output split, qk_norm_rope_reference on q and k, value_blend_reference on
-    v, the bias added to the gate logits (in fp32, rounded once to qkv's dtype)."""
+                       v_mix: Tensor | None = None, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Plain torch: the packed output times row_scale (rounded to its dtype), split, qk_norm_rope_reference
+    on q and k, value_blend_reference on v, the bias added to the gate logits (in fp32, rounded once to
+    qkv's dtype)."""
+    if row_scale is not None:
+        qkv = (qkv * row_scale[..., None]).to(qkv.dtype)
     q, k, v, g = _split_packed(qkv, num_heads, num_kv_heads)
     q, k = qk_norm_rope_reference(q, k, cos, sin, q_gain)
     return q, k, value_blend_reference(v, v_embed, v0, v_mix), (g.float() + gate_bias.float()).to(qkv.dtype)

@@ -147,19 +147,19 @@ class CausalSelfAttention(nn.Module):
         if cfg.value_residual:
             self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, u: Tensor, q_w: Tensor, k_w: Tensor, v_w: Tensor, out_w: Tensor, out_scale: Tensor,
-                v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(out_scale * Attn(u), the values v it attended to: without v0, u's raw values)."""
-        B, T, _ = u.shape
+    def forward(self, x: Tensor, norm_scale: Tensor, q_w: Tensor, k_w: Tensor, v_w: Tensor, out_w: Tensor,
+                out_scale: Tensor, v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(out_scale * Attn(u), the values v it attended to: without v0, u's raw values), u = rms(x) * norm_scale."""
+        B, T, _ = x.shape
         cfg = self.cfg
         # q, k, v = u W_q^T, u W_k^T, u W_v^T split into heads; q, k = rms(q), rms(k); partial RoPE on
         # the first rope_dims dims; q *= q_gain[h]; the head gate's logits u W_g^T + b_g;
         # v = v + v_embed, then the value residual v = lam_0 v0 + lam_1 v
-        cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, u.device)
+        cos, sin = rotary_tables(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, x.device)
         gate = self.attn_gate
         residual = (v0, self.vr_lambda) if cfg.value_residual and v0 is not None else None
         q, k, v, gate_logits = ops.attention_inputs(
-            u, q_w, k_w, v_w, None if gate is None else gate.weight, None if gate is None else gate.bias,
+            x, norm_scale, q_w, k_w, v_w, None if gate is None else gate.weight, None if gate is None else gate.bias,
             cos, sin, self.q_gain, self.num_heads, self.num_kv_heads, cfg.kernels, v_embed=v_embed,
             value_residual=residual)
         y = ops.gated_xsa_attention(q, k, v, gate_logits, self.use_xsa, cfg.kernels)
@@ -190,11 +190,12 @@ class Block(nn.Module):
                 v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        u = ops.rms_norm(x_in) * self.ln_scale
+        # the attention norms its input itself, rms(x_in) * ln_scale (fused: folded into its projection);
         # the scales multiply the attention's and the MLP's outputs (folded into their last weights, fused)
-        a, v = self.attn(u, q_w, k_w, v_w, out_w, self.attn_scale.to(x.dtype), v_embed=v_embed, v0=v0)
+        a, v = self.attn(x_in, self.ln_scale, q_w, k_w, v_w, out_w, self.attn_scale.to(x.dtype), v_embed=v_embed,
+                         v0=v0)
         x = x_in + a
-        mlp_in = u if self.parallel_residual else ops.rms_norm(x) * self.ln_scale
+        mlp_in = ops.rms_norm(x_in if self.parallel_residual else x) * self.ln_scale
         x = x + ops.leaky_relu2_mlp(mlp_in, up_w, down_w, self.cfg.kernels, out_scale=self.mlp_scale.to(x.dtype))
         return x, v
 

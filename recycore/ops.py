@@ -67,29 +67,32 @@ def qk_norm_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor,
     return qk_kernels.qk_norm_rope_reference(q, k, cos, sin, q_gain)
 
 
-def attention_inputs(u: Tensor, w_q, w_k, w_v, gate_w: Tensor | None, gate_b: Tensor | None, cos: Tensor,
-                     sin: Tensor, q_gain: Tensor, num_heads: int, num_kv_heads: int, kernels: str,
+def attention_inputs(x: Tensor, norm_scale: Tensor, w_q, w_k, w_v, gate_w: Tensor | None, gate_b: Tensor | None,
+                     cos: Tensor, sin: Tensor, q_gain: Tensor, num_heads: int, num_kv_heads: int, kernels: str,
                      v_embed: Tensor | None = None,
                      value_residual: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The attention's inputs from its normed input u (B,T,d): q = rope(rms(u W_q^T)) * q_gain (B,T,H,D),
-    k = rope(rms(u W_k^T)) (B,T,Hkv,D), the values (B,T,Hkv,D), gate logits u W_g^T + b_g (B,T,H) or None
-    (no gate); rms over head_dim, partial RoPE by the tables cos, sin (T, rope_dims/2). The values: raw =
-    u W_v^T + v_embed (B,T,kv_dim; none: no add), then with value_residual = (v0, lambda)
-    lambda_0 v0 + lambda_1 raw.
-    Fused, with dense weights and a gate: one GEMM on the stacked weights [W_q; W_k; W_v; W_g] (one wide
-    GEMM instead of four, one input- and one weight-gradient GEMM in backward) and `qkv_prep`, which reads
-    its packed output as it is, adds and blends the values on the way out and writes the packed gradient
-    in one pass."""
+    """The attention's inputs from its block's input x (B,T,d), normed as u = rms(x) * norm_scale:
+    q = rope(rms(u W_q^T)) * q_gain (B,T,H,D), k = rope(rms(u W_k^T)) (B,T,Hkv,D), the values (B,T,Hkv,D),
+    gate logits u W_g^T + b_g (B,T,H) or None (no gate); rms over head_dim, partial RoPE by the tables
+    cos, sin (T, rope_dims/2). The values: raw = u W_v^T + v_embed (B,T,kv_dim; none: no add), then with
+    value_residual = (v0, lambda) lambda_0 v0 + lambda_1 raw.
+    Fused, with dense weights and a gate: one GEMM of x itself on the stacked weights [W_q; W_k; W_v; W_g]
+    (one wide GEMM instead of four, one input- and one weight-gradient GEMM in backward) and `qkv_prep`,
+    which reads its packed output as it is, applies each row's norm scale norm_scale / rms(x) (so u is
+    never written, nor kept for backward), adds and blends the values on the way out, and writes the
+    packed gradient in one pass."""
     v0, v_mix = value_residual or (None, None)
+    if fused(kernels, x) and gate_w is not None and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
+        row_scale = torch.rsqrt(x.float().square().mean(-1) + qk_kernels.RMS_EPS) * norm_scale
+        qkv = F.linear(x, torch.cat((w_q, w_k, w_v, gate_w)).to(x.dtype))
+        return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads,
+                                   None if v_embed is None else v_embed.to(qkv.dtype),
+                                   None if v0 is None else v0.to(qkv.dtype), v_mix, row_scale)
+    u = rms_norm(x) * norm_scale
     if fused(kernels, u) and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
-        stacked = (w_q, w_k, w_v) if gate_w is None else (w_q, w_k, w_v, gate_w)
-        qkv = F.linear(u, torch.cat(stacked).to(u.dtype))
-        if gate_w is not None:
-            return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads,
-                                       None if v_embed is None else v_embed.to(qkv.dtype),
-                                       None if v0 is None else v0.to(qkv.dtype), v_mix)
-        # no gate: q and k go to the op as views of the output
-        q, k, v = qkv.split((w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
+        # no gate: one GEMM, q and k go to the op as views of its output
+        q, k, v = F.linear(u, torch.cat((w_q, w_k, w_v)).to(u.dtype)).split(
+            (w_q.shape[0], w_k.shape[0], w_v.shape[0]), dim=-1)
     else:
         q, k, v = linear(u, w_q), linear(u, w_k), linear(u, w_v)
     q, k, v = q.unflatten(-1, (num_heads, -1)), k.unflatten(-1, (num_kv_heads, -1)), v.unflatten(-1, (num_kv_heads, -1))

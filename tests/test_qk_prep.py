@@ -86,21 +86,23 @@ def _packed_inputs(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0):
     return qkv, cos, sin, q_gain, gate_bias
 
 
-def _value_inputs(B, T, h_kv, D, dtype, values, device=DEVICE):
-    """The values' optional inputs: v_embed (B,T,Hkv*D) with "embed" in values; v0 and the blend weights
-    v_mix with "residual"."""
-    v_embed = v0 = v_mix = None
-    if "embed" in values:
+def _optional_inputs(B, T, h_kv, D, dtype, options, device=DEVICE):
+    """qkv_prep's optional inputs: v_embed (B,T,Hkv*D) with "embed" in options; v0 and the blend weights
+    v_mix with "residual"; the row scales (B,T) fp32 with "scale"."""
+    v_embed = v0 = v_mix = row_scale = None
+    if "embed" in options:
         v_embed = torch.randn(B, T, h_kv * D, device=device, dtype=dtype).requires_grad_()
-    if "residual" in values:
+    if "residual" in options:
         v0 = (2 * torch.randn(B, T, h_kv, D, device=device, dtype=dtype)).requires_grad_()
         v_mix = (torch.rand(2, device=device) + 0.25).requires_grad_()
-    return v_embed, v0, v_mix
+    if "scale" in options:
+        row_scale = (torch.rand(B, T, device=device) + 0.2).requires_grad_()
+    return v_embed, v0, v_mix, row_scale
 
 
-def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_grads=False, values=""):
+def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_grads=False, options=""):
     qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, dtype, device, row_pad)
-    extra = _value_inputs(B, T, h_kv, D, dtype, values, device)
+    extra = _optional_inputs(B, T, h_kv, D, dtype, options, device)
     outs = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, *extra)
     shapes = [(B, T, H, D), (B, T, h_kv, D), (B, T, h_kv, D), (B, T, H)]
     assert [tuple(o.shape) for o in outs] == shapes
@@ -128,9 +130,10 @@ def _check_packed(B, T, H, h_kv, D, R, dtype, device=DEVICE, row_pad=0, strided_
         assert g.dtype == t.dtype and g.shape == t.shape and rel_err(g, w) < tol
 
 
-# qk_norm_rope on q/k views; qkv_prep on the whole output, without and with the value embedding + residual
+# qk_norm_rope on q/k views; qkv_prep on the whole output, without and with every optional input
+ALL_OPTIONS = "embed+residual+scale"
 CHECKS = {"views": _check, "packed": _check_packed,
-          "packed-values": lambda *shape: _check_packed(*shape, values="embed+residual")}
+          "packed-options": lambda *shape: _check_packed(*shape, options=ALL_OPTIONS)}
 
 
 @pytest.mark.parametrize("layout", CHECKS)
@@ -147,27 +150,31 @@ def test_matches_reference_bf16(shape, layout, nan_empty):
 
 def test_packed_strided_input_and_grads(nan_empty):
     """qkv rows further apart than its width; every output gradient in a transposed layout."""
-    _check_packed(2, 23, 8, 4, 32, 16, torch.float32, row_pad=24, strided_grads=True, values="embed+residual")
+    _check_packed(2, 23, 8, 4, 32, 16, torch.float32, row_pad=24, strided_grads=True, options=ALL_OPTIONS)
 
 
-@pytest.mark.parametrize("values", ["embed", "residual"])
-def test_value_embedding_and_residual_alone(values, nan_empty):
-    _check_packed(2, 19, 4, 2, 32, 8, torch.float32, values=values)
+@pytest.mark.parametrize("options", ["embed", "residual", "scale", "embed+scale"])
+def test_optional_inputs_alone(options, nan_empty):
+    _check_packed(2, 19, 4, 2, 32, 8, torch.float32, options=options)
 
 
 @requires_cuda
 def test_values_follow_the_models_bf16_chain():
-    """In bf16 the values are the model's chain to the bit where it rounds once per op: raw = v + v_embed
-    rounded, the blend weights rounded to bf16, lambda_0 v0 + lambda_1 raw rounded once (as the compiled
-    model, which keeps the blend's products in fp32). GPU only: the CPU interpreter truncates casts."""
+    """In bf16 the values are the model's chain to the bit where it rounds once per op: the row-scaled
+    projection rounded, raw = v + v_embed rounded, the blend weights rounded to bf16, lambda_0 v0 +
+    lambda_1 raw rounded once (as the compiled model, which keeps the blend's products in fp32); the gate
+    logits likewise. GPU only: the CPU interpreter truncates casts."""
     B, T, H, h_kv, D, R = 2, 2048, 8, 4, 64, 16
     cuda = torch.device("cuda")
     qkv, cos, sin, q_gain, gate_bias = (t.detach() for t in _packed_inputs(B, T, H, h_kv, D, R, torch.bfloat16, cuda))
-    v_embed, v0, v_mix = (t.detach() for t in _value_inputs(B, T, h_kv, D, torch.bfloat16, "embed+residual", cuda))
-    _, _, v, _ = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, v_embed, v0, v_mix)
-    raw = qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D) + v_embed.view(B, T, h_kv, D)
+    v_embed, v0, v_mix, row_scale = (t.detach() for t in _optional_inputs(B, T, h_kv, D, torch.bfloat16, ALL_OPTIONS,
+                                                                           cuda))
+    _, _, v, gate = qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, v_embed, v0, v_mix, row_scale)
+    scaled = (qkv * row_scale[..., None]).to(torch.bfloat16)
+    raw = scaled[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D) + v_embed.view(B, T, h_kv, D)
     lam = v_mix.to(torch.bfloat16).float()
     assert torch.equal(v, (lam[0] * v0.float() + lam[1] * raw.float()).to(torch.bfloat16))
+    assert torch.equal(gate, (scaled[..., (H + 2 * h_kv) * D:].float() + gate_bias).to(torch.bfloat16))
 
 
 def test_packed_is_the_split_op():
@@ -181,7 +188,7 @@ def test_packed_is_the_split_op():
     assert all(torch.equal(a, b) for a, b in zip((q_out, k_out), qk_norm_rope(q, k, cos, sin, q_gain)))
     assert torch.equal(v, qkv[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D))
     g_q, g_k = torch.randn_like(q_out), torch.randn_like(k_out)
-    d_qkv, d_gain, d_bias, _ = qk_prep.qkv_prep_backward(g_q, g_k, torch.zeros_like(v), torch.zeros_like(gate), qkv,
+    d_qkv, d_gain, d_bias, _, _ = qk_prep.qkv_prep_backward(g_q, g_k, torch.zeros_like(v), torch.zeros_like(gate), qkv,
                                                       cos, sin, q_gain, gate_bias, H, h_kv)
     dq, dk, d_gain_views = qk_norm_rope_backward(g_q, g_k, q, k, cos, sin, q_gain)
     assert torch.equal(d_qkv[..., :H * D], dq.flatten(2)) and torch.equal(d_qkv[..., H * D:(H + h_kv) * D], dk.flatten(2))
@@ -285,8 +292,8 @@ def test_opcheck_packed():
     qkv, cos, sin, q_gain, gate_bias = _packed_inputs(B, T, H, h_kv, D, R, torch.float32)
     grads = (torch.randn(B, T, H, D, device=DEVICE), torch.randn(B, T, h_kv, D, device=DEVICE),
              torch.randn(B, T, h_kv, D, device=DEVICE), torch.randn(B, T, H, device=DEVICE))
-    for values in ("", "embed+residual"):
-        extra = _value_inputs(B, T, h_kv, D, torch.float32, values)
+    for options in ("", ALL_OPTIONS):
+        extra = _optional_inputs(B, T, h_kv, D, torch.float32, options)
         torch.library.opcheck(torch.ops.recycore.qkv_prep.default, (qkv, cos, sin, q_gain, gate_bias, H, h_kv, *extra))
         torch.library.opcheck(torch.ops.recycore.qkv_prep_backward.default,
                               (*grads, qkv.detach(), cos, sin, q_gain.detach(), gate_bias.detach(), H, h_kv,
@@ -304,7 +311,7 @@ def test_packed_input_checks():
         qkv_prep(qkv.mT.contiguous().mT, cos, sin, q_gain, gate_bias, H, h_kv)
     with pytest.raises(ValueError, match="q_gain"):
         qkv_prep(qkv, cos, sin, q_gain[:-1], gate_bias, H, h_kv)
-    v_embed, v0, v_mix = (t.detach() for t in _value_inputs(B, T, h_kv, D, torch.float32, "embed+residual"))
+    v_embed, v0, v_mix, row_scale = (t.detach() for t in _optional_inputs(B, T, h_kv, D, torch.float32, ALL_OPTIONS))
     with pytest.raises(ValueError, match="v_embed must be"):
         qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, v_embed[..., :-1])
     with pytest.raises(ValueError, match="v_embed must be"):
@@ -315,6 +322,10 @@ def test_packed_input_checks():
         qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, None, v0[:, :-1], v_mix)
     with pytest.raises(ValueError, match="v_mix must be"):
         qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, None, v0, v_mix[:1])
+    with pytest.raises(ValueError, match="row_scale must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, row_scale=row_scale[:, :-1])
+    with pytest.raises(ValueError, match="row_scale must be"):
+        qkv_prep(qkv, cos, sin, q_gain, gate_bias, H, h_kv, row_scale=row_scale.double())
 
 
 def test_torch_compile_fullgraph():
