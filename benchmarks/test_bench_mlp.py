@@ -1,7 +1,8 @@
 """K1 fused LeakyReLU² MLP on the GPU at the seed shape (M = 48 x 2048 = 98,304 rows, d = 512,
 h = 1536, bf16 activations, fp32 master weights), forward and forward+backward:
   ours = recycore.kernels.leaky_relu2_mlp (Triton GEMM template with the activation epilogues + cuBLAS;
-  ours_tiled: its one-tile-per-program GEMMs; ours_sign: the forward keeps pre's sign bits, not pre);
+  ours_tiled: its one-tile-per-program GEMMs; ours_sign: the forward keeps pre's sign bits, not pre;
+  ours_row_scale: with per-row input scales, as the model folds its RMSNorm in: the epilogues' extra cost);
   baseline = the same math (leaky_relu2_mlp_reference) under torch.compile(mode="max-autotune");
   cublas = the bare cuBLAS GEMMs alone (up + down; the 6 GEMMs of forward+backward), no activation.
 TFLOP/s count the GEMMs: 2 * 2*M*d*h forward, 6 * 2*M*d*h forward+backward.
@@ -57,7 +58,9 @@ def _cublas_gemms(u, w_up, w_down, backward):
 
 
 _COMPILED = {}
-OURS = {"ours": ("persistent", "pre"), "ours_tiled": ("tiled", "pre"), "ours_sign": ("persistent", "sign")}
+# name -> (variant, saved, row scales: the model's folded input norm, M_SCALE and ROW_DOT epilogues)
+OURS = {"ours": ("persistent", "pre", False), "ours_tiled": ("tiled", "pre", False),
+        "ours_sign": ("persistent", "sign", False), "ours_row_scale": ("persistent", "pre", True)}
 
 
 def _step(name, inputs, backward):
@@ -66,10 +69,11 @@ def _step(name, inputs, backward):
     if name == "cublas_gemms_only":
         return _cublas_gemms(*inputs, backward)
     if name in OURS:
-        variant, saved = OURS[name]
+        variant, saved, scaled = OURS[name]
+        row_scale = (torch.rand(SEED_M, device="cuda") + 0.5).requires_grad_(backward) if scaled else None
 
         def fn(u, w_up, w_down):
-            return leaky_relu2_mlp(u, w_up, w_down, variant, saved)
+            return leaky_relu2_mlp(u, w_up, w_down, variant, saved, row_scale)
     else:
         if "max_autotune" not in _COMPILED:
             _COMPILED["max_autotune"] = torch.compile(leaky_relu2_mlp_reference, mode="max-autotune", fullgraph=True)

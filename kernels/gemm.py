@@ -10,12 +10,14 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
   (wgmma reads A from registers, B only from shared memory) and the MMAs stay asynchronous
   (as B operand, written to shared memory in the loop, every MMA had to complete before the next);
 - the epilogue is a constexpr choice, after an optional ROW_SCALE (column n times scale[n], the
-  scale of weight row n): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
+  scale of weight row n) and M_SCALE (row m times m_scale[m]: K1's folded input RMSNorm): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
   `pre` and/or `post = leaky_relu(pre, 0.5)^2`), LEAKY_RELU2_GRAD (C is d_post: store
   d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`); with PRE_AS_SIGN the `pre` slot holds
   instead the sign of pre, one bit per value ((M, N / 32) int32, bit j of word w: pre[:, 32 w + j]
   < 0): LEAKY_RELU2 stores those bits, LEAKY_RELU2_GRAD reads them and `post`, with |pre| =
-  sqrt(post) (pre > 0) or 2 sqrt(post): d_pre = C * (pre > 0 ? 2 sqrt(post) : -sqrt(post));
+  sqrt(post) (pre > 0) or 2 sqrt(post): d_pre = C * (pre > 0 ? 2 sqrt(post) : -sqrt(post)); with
+  ROW_DOT LEAKY_RELU2_GRAD also hands back each row's sum over the tile of d_pre * pre (the gradient of
+  an M_SCALE of the forward, summed over the tiles by the launcher);
 - split-K over the second grid axis: each split writes its fp32 partial C into a workspace slice,
   and `_splitk_reduce_kernel` sums the slices and applies ROW_SCALE and the epilogue (no atomics,
   deterministic); or, with REDUCE_IN_KERNEL, the last split of a tile to arrive (an arrival counter
@@ -213,11 +215,14 @@ def _sign_word_offsets(offs, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 @triton.jit
 def _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr,
                     EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-                    UPCAST: tl.constexpr, TMA: tl.constexpr = False, PRE_AS_SIGN: tl.constexpr = False):
+                    UPCAST: tl.constexpr, TMA: tl.constexpr = False, PRE_AS_SIGN: tl.constexpr = False,
+                    ROW_DOT: tl.constexpr = False):
     """Apply the epilogue to the fp32 tile `acc` and store it at `offs` (shared by the GEMM, the
     persistent GEMM and the split-K reduction; the outputs are contiguous (M, N) tensors, given as
     pointers, or under TMA as descriptors with offs = the block's (row, col)). PRE_AS_SIGN: pre_ptr
-    holds pre's sign bits (see the module doc; 2-D tiles only)."""
+    holds pre's sign bits (see the module doc; 2-D tiles only). Returns, with ROW_DOT (LEAKY_RELU2_GRAD,
+    2-D tiles), each row's sum over the tile of d_pre * pre (fp32), else 0."""
+    row_dot = 0.0
     if EPILOGUE == 1:  # LEAKY_RELU2: acc is pre
         # post is computed from the pre that backward sees (rounded to its dtype)
         if TMA:
@@ -251,20 +256,26 @@ def _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr,
             bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
             negative = tl.reshape(bits, (acc.shape[0], acc.shape[1])) != 0
             root = tl.sqrt(post)  # |pre| (pre > 0), |pre| / 2 (pre < 0)
-            _put(out_ptr, offs, mask, acc * tl.where(negative, -root, 2.0 * root), TMA)
+            d_pre = acc * tl.where(negative, -root, 2.0 * root)
+            if ROW_DOT:
+                row_dot = tl.sum(d_pre * tl.where(negative, -2.0 * root, root), axis=1)
         else:
             if TMA:
                 pre = pre_ptr.load(offs).to(tl.float32)  # zero-padded past the edges
             else:
                 pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            _put(out_ptr, offs, mask, acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre), TMA)
+            d_pre = acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+            if ROW_DOT:
+                row_dot = tl.sum(d_pre * pre, axis=1)
+        _put(out_ptr, offs, mask, d_pre, TMA)
     else:
         _put(out_ptr, offs, mask, acc, TMA)
+    return row_dot
 
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, ws_ptr, arrivals_ptr,
+    a_ptr, b_ptr, out_ptr, pre_ptr, post_ptr, scale_ptr, ws_ptr, arrivals_ptr, m_scale_ptr, dot_ptr,
     M, N, K, k_per_split,
     stride_am, stride_ak, stride_bn, stride_bk,
     B_INT5: tl.constexpr,
@@ -272,11 +283,13 @@ def _gemm_kernel(
     WRITE_PARTIALS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PRE_AS_SIGN: tl.constexpr = False,
+    PRE_AS_SIGN: tl.constexpr = False, M_SCALE: tl.constexpr = False, ROW_DOT: tl.constexpr = False,
 ):
     """One output tile (and one K split) per program. WRITE_PARTIALS: the fp32 partial goes to the
     split's workspace slice ws[split]; REDUCE_IN_KERNEL: the tile's last split to arrive (counted in
-    arrivals[tile], zero between launches) sums the slices and stores the epilogue."""
+    arrivals[tile], zero between launches) sums the slices and stores the epilogue. M_SCALE: row m
+    times m_scale[m] before the epilogue; ROW_DOT: each row's epilogue row dot (see _store_epilogue)
+    into dot[pid_n, m] ((cdiv(N, BLOCK_N), M) fp32)."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -330,38 +343,47 @@ def _gemm_kernel(
                 for split in range(tl.num_programs(1)):  # split order, as _splitk_reduce_kernel sums
                     # .cg: from L2, where the other programs' stores are (L1 is not coherent)
                     acc += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
-                          EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST, PRE_AS_SIGN)
+                _epilogue(acc, offs, offs_m, offs_n, mask, mask_m, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
+                          m_scale_ptr, dot_ptr + pid_n * M, EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST,
+                          PRE_AS_SIGN, M_SCALE, ROW_DOT)
                 tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0)  # zero for the next launch
     else:
-        _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
-                  EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST, PRE_AS_SIGN)
+        _epilogue(acc, offs, offs_m, offs_n, mask, mask_m, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
+                  m_scale_ptr, dot_ptr + pid_n * M, EPILOGUE, ROW_SCALE, STORE_PRE, STORE_POST, UPCAST, PRE_AS_SIGN,
+                  M_SCALE, ROW_DOT)
 
 
 @triton.jit
-def _epilogue(acc, offs, offs_n, mask, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr,
-              EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
-              UPCAST: tl.constexpr, PRE_AS_SIGN: tl.constexpr):
-    """ROW_SCALE, then the epilogue, of an (BLOCK_M, BLOCK_N) fp32 tile of `_gemm_kernel`."""
+def _epilogue(acc, offs, offs_m, offs_n, mask, mask_m, mask_n, out_ptr, pre_ptr, post_ptr, scale_ptr, m_scale_ptr,
+              dot_ptr, EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
+              STORE_POST: tl.constexpr, UPCAST: tl.constexpr, PRE_AS_SIGN: tl.constexpr, M_SCALE: tl.constexpr,
+              ROW_DOT: tl.constexpr):
+    """ROW_SCALE and M_SCALE, then the epilogue, of an (BLOCK_M, BLOCK_N) fp32 tile of `_gemm_kernel`;
+    ROW_DOT: the tile's row dots stored at dot_ptr + offs_m."""
     if ROW_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST,
-                    PRE_AS_SIGN=PRE_AS_SIGN)
+    if M_SCALE:
+        acc = acc * tl.load(m_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    row_dot = _store_epilogue(acc, offs, mask, out_ptr, pre_ptr, post_ptr, EPILOGUE, STORE_PRE, STORE_POST, UPCAST,
+                              PRE_AS_SIGN=PRE_AS_SIGN, ROW_DOT=ROW_DOT)
+    if ROW_DOT:
+        tl.store(dot_ptr + offs_m, row_dot, mask=mask_m)
 
 
 @triton.jit
 def _gemm_persistent_kernel(
-    a_desc, b_desc, out_desc, pre_desc, post_desc, scale_ptr,
+    a_desc, b_desc, out_desc, pre_desc, post_desc, scale_ptr, m_scale_ptr, dot_ptr,
     M, N, K,
     A_T: tl.constexpr, B_T: tl.constexpr,
     EPILOGUE: tl.constexpr, ROW_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, STORE_POST: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SUBTILE: tl.constexpr, PRE_AS_SIGN: tl.constexpr = False,
+    SUBTILE: tl.constexpr, PRE_AS_SIGN: tl.constexpr = False, M_SCALE: tl.constexpr = False,
+    ROW_DOT: tl.constexpr = False,
 ):
-    """C = A B^T like `_gemm_kernel` (float operands, no split-K), one program per SM looping over
-    the tiles. A_T / B_T: the descriptor is over the operand's transposed storage ((K, M) / (K, N)
-    row-major, an `x.t()` view), its blocks are (BLOCK_K, rows)."""
+    """C = A B^T like `_gemm_kernel` (float operands, no split-K; M_SCALE and ROW_DOT as there), one
+    program per SM looping over the tiles. A_T / B_T: the descriptor is over the operand's transposed
+    storage ((K, M) / (K, N) row-major, an `x.t()` view), its blocks are (BLOCK_K, rows)."""
     # The program count is a run-time value (not a constexpr): one binary for every grid size.
     num_programs = tl.num_programs(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -400,15 +422,21 @@ def _gemm_persistent_kernel(
         if ROW_SCALE:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        if M_SCALE:
+            acc = acc * tl.load(m_scale_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
         if SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory staging
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _store_epilogue(acc0, (m0, n0), None, out_desc, pre_desc, post_desc,
-                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN)
-            _store_epilogue(acc1, (m0, n0 + BLOCK_N // 2), None, out_desc, pre_desc, post_desc,
-                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN)
+            row_dot = _store_epilogue(acc0, (m0, n0), None, out_desc, pre_desc, post_desc, EPILOGUE, STORE_PRE,
+                                      STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN, ROW_DOT=ROW_DOT)
+            row_dot += _store_epilogue(acc1, (m0, n0 + BLOCK_N // 2), None, out_desc, pre_desc, post_desc, EPILOGUE,
+                                       STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN,
+                                       ROW_DOT=ROW_DOT)
         else:
-            _store_epilogue(acc, (m0, n0), None, out_desc, pre_desc, post_desc,
-                            EPILOGUE, STORE_PRE, STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN)
+            row_dot = _store_epilogue(acc, (m0, n0), None, out_desc, pre_desc, post_desc, EPILOGUE, STORE_PRE,
+                                      STORE_POST, UPCAST, TMA=True, PRE_AS_SIGN=PRE_AS_SIGN, ROW_DOT=ROW_DOT)
+        if ROW_DOT:
+            tl.store(dot_ptr + pid_n * M + offs_m, row_dot, mask=offs_m < M)
 
 
 @triton.jit
@@ -437,13 +465,15 @@ def _check_output(t, name, shape, device):
 
 
 def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_NONE,
-         int5_k=None, split_k=1, config=None, pre_sign=False):
+         int5_k=None, split_k=1, config=None, pre_sign=False, m_scale=None, row_dot=None):
     """C = a @ b^T through the template; writes into the given contiguous (M, N) buffers.
 
     a: (M, K), b: (N, K), any strides (pass `x.t()` for a transposed operand), float dtypes;
     or, with int5_k=K, b is the (N, words) int32 INT5 layout of an (N, K) weight.
     epilogue NONE and LEAKY_RELU2_GRAD write `out` (the latter reads `pre`); LEAKY_RELU2 writes
-    `pre` and/or `post`. `scale` (N,) multiplies column n before the epilogue (ROW_SCALE).
+    `pre` and/or `post`. `scale` (N,) multiplies column n before the epilogue (ROW_SCALE), `m_scale` (M,)
+    fp32 row m (M_SCALE). `row_dot` (M,) fp32, LEAKY_RELU2_GRAD only: gets each row's sum of d_pre * pre
+    (the tiles' partial sums in a workspace, summed in a fixed order).
     split_k > 1 sums fp32 partials in a workspace (not with LEAKY_RELU2_GRAD).
     pre_sign: `pre` is the (M, N / 32) int32 sign bits of pre (N a multiple of 32; see the module doc):
     LEAKY_RELU2 stores them (with post), LEAKY_RELU2_GRAD reads them and `post`.
@@ -494,20 +524,32 @@ def gemm(a, b, *, out=None, pre=None, post=None, scale=None, epilogue=EPILOGUE_N
         check_tensor(scale, "scale", ndim=1, device=device, contiguous=True)
         if scale.shape[0] != N:
             raise ValueError(f"scale must have N = {N} entries, got {scale.shape[0]}")
+    for t, name in ((m_scale, "m_scale"), (row_dot, "row_dot")):
+        if t is not None:
+            check_tensor(t, name, ndim=1, dtypes=(torch.float32,), device=device, contiguous=True)
+            if t.shape[0] != M:
+                raise ValueError(f"{name} must have M = {M} entries, got {t.shape[0]}")
+    if row_dot is not None and epilogue != EPILOGUE_LEAKY_RELU2_GRAD:
+        raise ValueError("row_dot is for the LEAKY_RELU2_GRAD epilogue")
 
     if config is None:
         config = default_config(M, N, K, int5=int5_k is not None, interpreter=on_interpreter(a))
     if int5_k is not None and config.block_k != INT5_GROUP:
         raise ValueError(f"INT5 configs need block_k = {INT5_GROUP}")
+    dots = None if row_dot is None else torch.empty((triton.cdiv(N, config.block_n), M), device=device,
+                                                    dtype=torch.float32)
     launch_template(a, b, out, pre, post, scale, epilogue=epilogue, int5=int5_k is not None, split_k=split_k,
-                    config=config, pre_sign=pre_sign)
+                    config=config, pre_sign=pre_sign, m_scale=m_scale, dots=dots)
+    if row_dot is not None:
+        torch.sum(dots, dim=0, out=row_dot)
 
 
 def launch_template(a, b, out, pre, post, scale, *, epilogue, int5, split_k, config, pre_sign=False,
-                    reduce_in_kernel=False):
+                    reduce_in_kernel=False, m_scale=None, dots=None):
     """The template's launches on inputs already checked (by `gemm`, or once per call by int5.py's op):
     `out` is the tensor the epilogue writes (for LEAKY_RELU2 the stored `post`, else `pre`), `pre` is
-    stored (LEAKY_RELU2) or read (LEAKY_RELU2_GRAD), `post` stored (LEAKY_RELU2) or, with pre_sign, read.
+    stored (LEAKY_RELU2) or read (LEAKY_RELU2_GRAD), `post` stored (LEAKY_RELU2) or, with pre_sign, read;
+    `dots` ((cdiv(N, block_n), M) fp32) gets each tile's row dots (ROW_DOT, without split-K).
     K is cut into at most `split_k` splits of whole blocks (none empty); their fp32 partials are summed
     by `_splitk_reduce_kernel`, or with reduce_in_kernel by each tile's last split, where there are
     arrival counters for it (else by the reduction launch: the same sums in the same order)."""
@@ -520,10 +562,12 @@ def launch_template(a, b, out, pre, post, scale, *, epilogue, int5, split_k, con
     pre_arg = pre if pre is not None else out
     post_arg = post if post is not None else out
     scale_arg = scale if scale is not None else out
+    if dots is not None and split_k > 1:
+        raise ValueError("row dots are not summed over K splits")
     if split_k == 1 and config.persistent and not int5:
         outputs = [t for t in (out, pre, post) if t is not None and not (pre_sign and t is pre)]
         if _launch_persistent(a, b, out, pre_arg, post_arg, scale, outputs, epilogue, store_pre, store_post,
-                              M, N, K, config, pre_sign):
+                              M, N, K, config, pre_sign, m_scale, dots):
             return
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     arrivals = None
@@ -532,6 +576,7 @@ def launch_template(a, b, out, pre, post, scale, *, epilogue, int5, split_k, con
     workspace = torch.empty((split_k, M, N), device=a.device, dtype=torch.float32) if split_k > 1 else out
     _gemm_kernel[(tiles, split_k)](
         a, b, out, pre_arg, post_arg, scale_arg, workspace, out if arrivals is None else arrivals,
+        out if m_scale is None else m_scale, out if dots is None else dots,
         M, N, K, k_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         B_INT5=int5,
@@ -539,7 +584,8 @@ def launch_template(a, b, out, pre, post, scale, *, epilogue, int5, split_k, con
         WRITE_PARTIALS=split_k > 1, REDUCE_IN_KERNEL=arrivals is not None, EVEN_K=K % config.block_k == 0,
         UPCAST=upcast, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        PRE_AS_SIGN=pre_sign, num_warps=config.num_warps, num_stages=config.num_stages,
+        PRE_AS_SIGN=pre_sign, M_SCALE=m_scale is not None, ROW_DOT=dots is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1 and arrivals is None:
         _splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](
@@ -583,7 +629,7 @@ def _operand_descriptor(x, block_rows, block_k):
 
 
 def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre, store_post, M, N, K, config,
-                       pre_sign=False):
+                       pre_sign=False, m_scale=None, dots=None):
     """Launch `_gemm_persistent_kernel`; False (nothing launched) when a tensor does not suit TMA."""
     if min(M, N, K) == 0 or not all(_tma_aligned(t, N) for t in outputs):
         return False
@@ -605,12 +651,13 @@ def _launch_persistent(a, b, out, pre, post, scale, outputs, epilogue, store_pre
     programs = min(tiles, INTERPRET_PROGRAMS if upcast else num_sms(a.device.index or 0))
     _gemm_persistent_kernel[(programs,)](
         a_view[0], b_view[0], out_desc, pre_desc, post_desc, scale if scale is not None else out,
+        out if m_scale is None else m_scale, out if dots is None else dots,
         M, N, K,
         A_T=a_view[1], B_T=b_view[1],
         EPILOGUE=epilogue, ROW_SCALE=scale is not None, STORE_PRE=store_pre, STORE_POST=store_post,
         UPCAST=upcast, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        SUBTILE=config.epilogue_subtile, PRE_AS_SIGN=pre_sign,
+        SUBTILE=config.epilogue_subtile, PRE_AS_SIGN=pre_sign, M_SCALE=m_scale is not None, ROW_DOT=dots is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return True

@@ -190,13 +190,13 @@ class Block(nn.Module):
                 v_embed: Tensor | None = None, v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        # the attention norms its input itself, rms(x_in) * ln_scale (fused: folded into its projection);
-        # the scales multiply the attention's and the MLP's outputs (folded into their last weights, fused)
+        # attention and MLP norm their inputs themselves, rms(.) * ln_scale (fused: folded into their first
+        # GEMMs' consumers); the scales multiply their outputs (fused: folded into their last weights)
         a, v = self.attn(x_in, self.ln_scale, q_w, k_w, v_w, out_w, self.attn_scale.to(x.dtype), v_embed=v_embed,
                          v0=v0)
         x = x_in + a
-        mlp_in = ops.rms_norm(x_in if self.parallel_residual else x) * self.ln_scale
-        x = x + ops.leaky_relu2_mlp(mlp_in, up_w, down_w, self.cfg.kernels, out_scale=self.mlp_scale.to(x.dtype))
+        x = x + ops.leaky_relu2_mlp(x_in if self.parallel_residual else x, up_w, down_w, self.cfg.kernels,
+                                    out_scale=self.mlp_scale.to(x.dtype), norm_scale=self.ln_scale)
         return x, v
 
 

@@ -26,6 +26,12 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def _norm_row_scale(x: Tensor, norm_scale: Tensor) -> Tensor:
+    """norm_scale / rms(x) per row of x, fp32 (F.rms_norm's eps): rms_norm(x) * norm_scale as a row scale,
+    which a fused kernel applies to the rows of x W^T, so that the normed input is never written."""
+    return torch.rsqrt(x.float().square().mean(-1) + qk_kernels.RMS_EPS) * norm_scale
+
+
 def _packed_linear(x: Tensor, w: Int5Linear, activation: str | None = None) -> Tensor:
     """The packed matrix's kernel on x, taking x in the autocast dtype as F.linear would under
     autocast (custom ops are not cast by autocast: fp32 activations would run fp32 GEMMs)."""
@@ -83,11 +89,10 @@ def attention_inputs(x: Tensor, norm_scale: Tensor, w_q, w_k, w_v, gate_w: Tenso
     packed gradient in one pass."""
     v0, v_mix = value_residual or (None, None)
     if fused(kernels, x) and gate_w is not None and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
-        row_scale = torch.rsqrt(x.float().square().mean(-1) + qk_kernels.RMS_EPS) * norm_scale
         qkv = F.linear(x, torch.cat((w_q, w_k, w_v, gate_w)).to(x.dtype))
         return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads,
                                    None if v_embed is None else v_embed.to(qkv.dtype),
-                                   None if v0 is None else v0.to(qkv.dtype), v_mix, row_scale)
+                                   None if v0 is None else v0.to(qkv.dtype), v_mix, _norm_row_scale(x, norm_scale))
     u = rms_norm(x) * norm_scale
     if fused(kernels, u) and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
         # no gate: one GEMM, q and k go to the op as views of its output
@@ -114,10 +119,17 @@ def softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, cap: float
 
 
 def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5Linear, kernels: str,
-                    out_scale: Tensor | None = None) -> Tensor:
+                    out_scale: Tensor | None = None, norm_scale: Tensor | None = None) -> Tensor:
     """MLP(u) = leaky_relu(u W_up^T, 0.5)^2 W_down^T (K1), times out_scale (d,) per output feature if given
-    (folded into W_down where `_folds_scale` says). A packed W_up applies the activation in K3's epilogue;
-    W_down then goes through `linear`."""
+    (folded into W_down where `_folds_scale` says); with norm_scale, of u's norm rms(u) * norm_scale
+    (fused with dense weights: folded into K1 as row scales, the normed input never written). A packed
+    W_up applies the activation in K3's epilogue; W_down then goes through `linear`."""
+    dense = not isinstance(w_up, Int5Linear) and not isinstance(w_down, Int5Linear)
+    if norm_scale is not None and dense and fused(kernels, u):
+        row_scale = _norm_row_scale(u, norm_scale)
+    else:
+        row_scale = None
+        u = u if norm_scale is None else rms_norm(u) * norm_scale
     if isinstance(w_up, Int5Linear):
         out = linear(_packed_linear(u, w_up, activation="leaky_relu2"), w_down)
     elif isinstance(w_down, Int5Linear):
@@ -125,7 +137,7 @@ def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5L
     elif fused(kernels, u):
         if out_scale is not None:  # fused with dense weights: `_folds_scale` holds, nothing left to scale after
             w_down, out_scale = w_down * out_scale[:, None], None
-        out = mlp_kernels.leaky_relu2_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype))
+        out = mlp_kernels.leaky_relu2_mlp(u, w_up.to(u.dtype), w_down.to(u.dtype), row_scale=row_scale)
     else:
         out = mlp_kernels.leaky_relu2_mlp_reference(u, w_up, w_down)
     return out if out_scale is None else out_scale * out

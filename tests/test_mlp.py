@@ -21,21 +21,29 @@ def _inputs(lead, d, h, dtype, weight_dtype=torch.float32):
     return u, w_up, w_down
 
 
-def _check_against_float64(u, w_up, w_down, tol, variant="persistent", saved="pre"):
-    out = leaky_relu2_mlp(u, w_up, w_down, variant, saved)
+def _check_against_float64(u, w_up, w_down, tol, variant="persistent", saved="pre", row_scale=None):
+    out = leaky_relu2_mlp(u, w_up, w_down, variant, saved, row_scale)
     d_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (u, w_up, w_down), d_out)
+    inputs = (u, w_up, w_down) + (() if row_scale is None else (row_scale,))
+    grads = torch.autograd.grad(out, inputs, d_out)
     # The function computed: the weights as cast to u's dtype, everything else in float64.
     ref_inputs = [t.detach().to(u.dtype).double().requires_grad_() for t in (u, w_up, w_down)]
+    if row_scale is not None:
+        ref_inputs.append(row_scale.detach().double().requires_grad_())
     ref = leaky_relu2_mlp_reference(*ref_inputs)
     ref_grads = torch.autograd.grad(ref, ref_inputs, d_out.double())
     pre = ref_inputs[0].detach() @ ref_inputs[1].detach().t()
     assert 0.3 < (pre < 0).double().mean() < 0.7  # both slopes of leaky_relu² exercised
     assert out.dtype == u.dtype and out.shape == u.shape
     assert rel_err(out, ref) < tol
-    for name, g, g_ref, x in zip(("du", "dW_up", "dW_down"), grads, ref_grads, (u, w_up, w_down)):
-        assert g.dtype == x.dtype, name
+    for name, g, g_ref, x in zip(("du", "dW_up", "dW_down", "d row_scale"), grads, ref_grads, inputs):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
         assert rel_err(g, g_ref) < tol, name
+
+
+def _row_scale(lead):
+    """Per-row scales as a folded RMSNorm makes them (positive, varied)."""
+    return (torch.rand(lead, device=DEVICE) + 0.25).requires_grad_()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,6 +69,15 @@ def test_persistent_and_tiled_paths(dtype, variant, monkeypatch):
     monkeypatch.setattr(gemm_module, "_gemm_persistent_kernel", Counting())
     _check_against_float64(*_inputs((3, 13), 40, 72, dtype), TOL[dtype], variant)
     assert len(launches) == (2 if variant == "persistent" else 0)  # up and d_pre (dW_up: split-K)
+
+
+@pytest.mark.parametrize("saved", mlp_module.SAVED)
+@pytest.mark.parametrize("variant", mlp_module.VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_scale(dtype, variant, saved):
+    """The MLP of row_scale * u: the scale in the up GEMM's epilogue, its gradient from the d_pre
+    epilogue's row dots; M = 39 rows ragged, h = 96 (whole sign words)."""
+    _check_against_float64(*_inputs((3, 13), 40, 96, dtype), TOL[dtype], variant, saved, _row_scale((3, 13)))
 
 
 @pytest.mark.parametrize("variant", mlp_module.VARIANTS)
@@ -110,12 +127,15 @@ def test_bf16_weights_give_bf16_grads():
 @pytest.mark.parametrize("saved", mlp_module.SAVED)
 def test_opcheck(dtype, saved):
     u, w_up, w_down = _inputs((21,), 40, 96, dtype)
-    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down, "persistent", saved))
-    _, kept, post = torch.ops.recycore.leaky_relu2_mlp(u.detach(), w_up.detach(), w_down.detach(), "persistent",
-                                                      saved)
-    d_out = torch.randn(21, 40, device=DEVICE, dtype=dtype)
-    torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp_backward,
-                          (d_out, u.detach(), w_up.detach(), w_down.detach(), kept, post, "persistent", saved))
+    for row_scale in (None, _row_scale((21,))):
+        torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp, (u, w_up, w_down, "persistent", saved, row_scale))
+        scale = None if row_scale is None else row_scale.detach()
+        _, kept, post = torch.ops.recycore.leaky_relu2_mlp(u.detach(), w_up.detach(), w_down.detach(), "persistent",
+                                                          saved, scale)
+        d_out = torch.randn(21, 40, device=DEVICE, dtype=dtype)
+        torch.library.opcheck(torch.ops.recycore.leaky_relu2_mlp_backward,
+                              (d_out, u.detach(), w_up.detach(), w_down.detach(), kept, post, "persistent", saved,
+                               scale))
 
 
 def test_torch_compile_fullgraph():
@@ -141,6 +161,10 @@ def test_bad_inputs_raise_clear_errors():
         leaky_relu2_mlp(u, w_up, w_down.t().contiguous().t())
     with pytest.raises(TypeError, match="u must be one of"):
         leaky_relu2_mlp(u.to(torch.int64), w_up, w_down)
+    with pytest.raises(ValueError, match="row_scale must have"):
+        leaky_relu2_mlp(u, w_up, w_down, row_scale=torch.ones(4, device=DEVICE))
+    with pytest.raises(TypeError, match="row_scale must be one of"):
+        leaky_relu2_mlp(u, w_up, w_down, row_scale=torch.ones(5, device=DEVICE, dtype=torch.float64))
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="other inputs are on"):
             leaky_relu2_mlp(u, w_up.cpu(), w_down)
@@ -149,5 +173,7 @@ def test_bad_inputs_raise_clear_errors():
 @requires_cuda
 @pytest.mark.parametrize("saved", mlp_module.SAVED)
 def test_seed_shapes_bf16(saved):
-    """M = 48 x 2048 = 98,304 rows, d = 512, h = 1536: the configs the seed runs (split-K included)."""
-    _check_against_float64(*_inputs((48, 2048), 512, 1536, torch.bfloat16), TOL[torch.bfloat16], saved=saved)
+    """M = 48 x 2048 = 98,304 rows, d = 512, h = 1536: the configs the seed runs (split-K included), with
+    the row scales of the model's folded RMSNorm."""
+    _check_against_float64(*_inputs((48, 2048), 512, 1536, torch.bfloat16), TOL[torch.bfloat16], saved=saved,
+                           row_scale=_row_scale((48, 2048)))

@@ -12,7 +12,9 @@ from recycore.kernels.qk_prep import (RMS_EPS, qk_norm_rope, qk_norm_rope_backwa
                                       qk_norm_rope_reference, qkv_prep, qkv_prep_reference)
 
 qk_prep = importlib.import_module("recycore.kernels.qk_prep")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# bf16: the interpreter truncates fp32 -> bf16 casts instead of rounding, and the values' chain rounds
+# up to four times (row-scaled projection, + embedding, blend weights, blend)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if DEVICE.type == "cpu" else 1e-2}
 # (B, T, H, Hkv, D, R): T not a multiple of the block (16 on CPU, 32 on GPU), B*T odd in some,
 # GQA 4/2 and 8/4, D 32 and 64, R 0, 8 and 16; last, D and R/2 not powers of two (masked lanes).
 SHAPES = [(2, 37, 4, 2, 64, 16), (3, 21, 8, 4, 64, 16), (1, 45, 4, 2, 32, 8), (2, 19, 8, 4, 32, 0),
