@@ -164,8 +164,8 @@ def test_optional_inputs_alone(options, nan_empty):
 def test_values_follow_the_models_bf16_chain():
     """In bf16 the values are the model's chain to the bit where it rounds once per op: the row-scaled
     projection rounded, raw = v + v_embed rounded, the blend weights rounded to bf16, lambda_0 v0 +
-    lambda_1 raw rounded once (as the compiled model, which keeps the blend's products in fp32); the gate
-    logits likewise. GPU only: the CPU interpreter truncates casts."""
+    lambda_1 raw rounded once (as the compiled model, which keeps the blend's products in fp32; up to a
+    fused multiply-add); the gate logits exactly. GPU only: the CPU interpreter truncates casts."""
     B, T, H, h_kv, D, R = 2, 2048, 8, 4, 64, 16
     cuda = torch.device("cuda")
     qkv, cos, sin, q_gain, gate_bias = (t.detach() for t in _packed_inputs(B, T, H, h_kv, D, R, torch.bfloat16, cuda))
@@ -175,7 +175,10 @@ def test_values_follow_the_models_bf16_chain():
     scaled = (qkv * row_scale[..., None]).to(torch.bfloat16)
     raw = scaled[..., (H + h_kv) * D:(H + 2 * h_kv) * D].view(B, T, h_kv, D) + v_embed.view(B, T, h_kv, D)
     lam = v_mix.to(torch.bfloat16).float()
-    assert torch.equal(v, (lam[0] * v0.float() + lam[1] * raw.float()).to(torch.bfloat16))
+    want = (lam[0] * v0.float() + lam[1] * raw.float()).to(torch.bfloat16).float()
+    # the kernel's blend may be one fused multiply-add (a rounding fewer): now and then one bf16 ulp off
+    off = (v.float() - want).abs()
+    assert (off <= want.abs() * 2.0**-7).all() and (off == 0).float().mean() > 0.99
     assert torch.equal(gate, (scaled[..., (H + 2 * h_kv) * D:].float() + gate_bias).to(torch.bfloat16))
 
 
