@@ -699,6 +699,43 @@ _qkv_prep_op.register_autograd(_packed_autograd_backward, setup_context=_packed_
 
 
 # ----------------------------------------------------------------------------------------------
+# The row scales of a folded input RMSNorm (qkv_prep's, and K1's through recycore.ops)
+# ----------------------------------------------------------------------------------------------
+class _NormRowScale(torch.autograd.Function):
+    """s / rms(x) per row, with a backward that keeps only x (which the consumer's GEMM keeps anyway) and
+    the fp32 row scales: autograd's own formula for the mean of squares saves 2 x in fp32, a (rows, d)
+    fp32 tensor per call that the compiler's partitioner kept (seen on a compiled block)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_scale):
+        ms = x.to(torch.promote_types(x.dtype, torch.float32)).square().mean(-1)  # fp32 at least
+        row_scale = torch.rsqrt(ms + RMS_EPS) * norm_scale.to(ms.dtype)
+        ctx.save_for_backward(x, row_scale, norm_scale)
+        return row_scale
+
+    @staticmethod
+    def backward(ctx, d_row_scale):
+        x, row_scale, norm_scale = ctx.saved_tensors
+        s = norm_scale.to(row_scale.dtype)
+        # d (s (ms + eps)^-1/2) / dx = -s (ms + eps)^-3/2 x / d = -(row_scale^3 / s^2) x / d
+        coef = -d_row_scale * row_scale.pow(3) / (s.square() * x.shape[-1])
+        dx = (x * coef[..., None]).to(x.dtype)  # promoted by the multiply: no fp32 copy of x to keep
+        d_norm_scale = None
+        if ctx.needs_input_grad[1]:
+            d_norm_scale = ((d_row_scale * row_scale).sum() / s).to(norm_scale.dtype)
+        return dx, d_norm_scale
+
+
+def norm_row_scale(x: Tensor, norm_scale: Tensor) -> Tensor:
+    """norm_scale / rms(x) per row of x (fp32, F.rms_norm's eps), norm_scale a 0-d tensor: rms_norm(x) *
+    norm_scale as a row scale that a fused kernel applies to the rows of x W^T (rms_norm(x) s W^T =
+    (x W^T) s / rms(x)), so that the normed input is never written (`qkv_prep`'s and K1's row_scale)."""
+    if norm_scale.ndim != 0:
+        raise ValueError(f"norm_scale must be a 0-d tensor, got shape {tuple(norm_scale.shape)}")
+    return _NormRowScale.apply(x, norm_scale)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(q, k, cos, sin, q_gain):

@@ -26,12 +26,6 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def _norm_row_scale(x: Tensor, norm_scale: Tensor) -> Tensor:
-    """norm_scale / rms(x) per row of x, fp32 (F.rms_norm's eps): rms_norm(x) * norm_scale as a row scale,
-    which a fused kernel applies to the rows of x W^T, so that the normed input is never written."""
-    return torch.rsqrt(x.float().square().mean(-1) + qk_kernels.RMS_EPS) * norm_scale
-
-
 def _packed_linear(x: Tensor, w: Int5Linear, activation: str | None = None) -> Tensor:
     """The packed matrix's kernel on x, taking x in the autocast dtype as F.linear would under
     autocast (custom ops are not cast by autocast: fp32 activations would run fp32 GEMMs)."""
@@ -92,7 +86,7 @@ def attention_inputs(x: Tensor, norm_scale: Tensor, w_q, w_k, w_v, gate_w: Tenso
         qkv = F.linear(x, torch.cat((w_q, w_k, w_v, gate_w)).to(x.dtype))
         return qk_kernels.qkv_prep(qkv, cos, sin, q_gain, gate_b, num_heads, num_kv_heads,
                                    None if v_embed is None else v_embed.to(qkv.dtype),
-                                   None if v0 is None else v0.to(qkv.dtype), v_mix, _norm_row_scale(x, norm_scale))
+                                   None if v0 is None else v0.to(qkv.dtype), v_mix, qk_kernels.norm_row_scale(x, norm_scale))
     u = rms_norm(x) * norm_scale
     if fused(kernels, u) and not any(isinstance(w, Int5Linear) for w in (w_q, w_k, w_v)):
         # no gate: one GEMM, q and k go to the op as views of its output
@@ -126,7 +120,7 @@ def leaky_relu2_mlp(u: Tensor, w_up: Tensor | Int5Linear, w_down: Tensor | Int5L
     W_up applies the activation in K3's epilogue; W_down then goes through `linear`."""
     dense = not isinstance(w_up, Int5Linear) and not isinstance(w_down, Int5Linear)
     if norm_scale is not None and dense and fused(kernels, u):
-        row_scale = _norm_row_scale(u, norm_scale)
+        row_scale = qk_kernels.norm_row_scale(u, norm_scale)
     else:
         row_scale = None
         u = u if norm_scale is None else rms_norm(u) * norm_scale

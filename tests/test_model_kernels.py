@@ -139,3 +139,46 @@ def test_output_scales_are_folded_into_the_last_weights():
         assert rel_err(y, want) < 1e-5 and rel_err(y2, want2) < 1e-5, kernels
         for g, r in zip(got, ref):
             assert rel_err(g, r) < 1e-5, kernels
+
+
+def _saved_activations(kernels):
+    """The activations a compiled middle block (value residual, recycled) keeps for backward, as the
+    compiler's partitioner (the one inductor uses) cuts its joint graph: [(shape, dtype)], outputs excluded."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    cfg = Config(**TINY, train_seq_len=64).replace(kernels=kernels)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(DEVICE)
+    forwards = []
+
+    def backend(gm, example_inputs):
+        def keep_forward(graph, _):
+            forwards.append(graph)
+            return make_boxed_func(graph.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep_forward,
+                                     bw_compiler=lambda graph, _: make_boxed_func(graph.forward),
+                                     partition_fn=min_cut_rematerialization_partition)
+    B, T, d = 3, 32, cfg.model_dim  # B T differs from every weight dim
+    x, x0 = (torch.randn(B, T, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v0 = torch.randn(B, T, cfg.num_kv_heads, cfg.head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    block = torch.compile(model.blocks[1], backend=backend, fullgraph=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, v = block(x, x0, *model.bank_weights(1), v0=v0)
+    (out.float().sum() + v.float().sum()).backward()
+    returned = list(forwards[0].graph.nodes)[-1].args[0]
+    saved = [node.meta["val"] for node in returned[2:]]  # after the block's two outputs
+    return [(tuple(t.shape), t.dtype) for t in saved if t.ndim and (tuple(t.shape[:2]) == (B, T) or t.shape[0] == B * T)]
+
+
+def test_fused_block_keeps_no_normed_input_for_backward():
+    """The norms folded into qkv_prep and K1 leave neither normed input in the saved activations (the
+    reference keeps both), and their row scales' backward keeps no fp32 copy of the block's input (what
+    autograd's formula for a mean of squares would have the partitioner keep)."""
+    fused, reference = _saved_activations("fused"), _saved_activations("reference")
+    per_token = torch.Size((3, 32)).numel()  # fp32 per-token numbers (row scales, rstd) are fine
+    assert not [t for t in fused if t[1] == torch.float32 and torch.Size(t[0]).numel() > per_token], fused
+
+    def nbytes(saved):
+        return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in saved)
+    assert nbytes(fused) < nbytes(reference)

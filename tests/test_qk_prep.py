@@ -8,8 +8,8 @@ from torch._inductor.utils import run_and_get_code
 
 from helpers import DEVICE, rel_err, requires_cuda
 from recycore.bench import pure_copy_kernels
-from recycore.kernels.qk_prep import (RMS_EPS, qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
-                                      qk_norm_rope_reference, qkv_prep, qkv_prep_reference)
+from recycore.kernels.qk_prep import (RMS_EPS, norm_row_scale, qk_norm_rope, qk_norm_rope_backward,
+                                      qk_norm_rope_forward, qk_norm_rope_reference, qkv_prep, qkv_prep_reference)
 
 qk_prep = importlib.import_module("recycore.kernels.qk_prep")
 # bf16: the interpreter truncates fp32 -> bf16 casts instead of rounding, and the values' chain rounds
@@ -229,6 +229,17 @@ def test_reference_is_the_models_chain():
         q_out, k_out = qk_norm_rope_reference(q, k, empty, empty, q_gain)
         assert torch.equal(k_out, ops.rms_norm(k))
         assert torch.equal(q_out, ops.rms_norm(q) * q_gain.to(dtype)[None, None, :, None])
+
+
+def test_norm_row_scale_is_the_rms_norm_as_a_row_scale():
+    """norm_row_scale(x, s) * x == F.rms_norm(x) * s, and its hand-written backward is the derivative
+    (float64 gradcheck, the scale's gradient too)."""
+    x = torch.randn(3, 7, 24, dtype=torch.float64, device=DEVICE) * 3
+    s = torch.tensor(0.7, dtype=torch.float64, device=DEVICE)
+    assert rel_err(norm_row_scale(x, s)[..., None] * x, F.rms_norm(x, (24,), eps=RMS_EPS) * s) < 1e-12
+    torch.autograd.gradcheck(norm_row_scale, (x.requires_grad_(), s.requires_grad_()))
+    with pytest.raises(ValueError, match="0-d"):
+        norm_row_scale(x, s.expand(1))
 
 
 def test_rms_eps_is_torchs_default():
