@@ -98,28 +98,13 @@ def test_output_scales_are_folded_into_the_last_weights():
     """Fused, attn_scale and mlp_scale multiply W_o's and W_down's rows instead of the block's outputs: in
     the block's backward graph the only sums over the token dims are resid_mix's (two), where the
     reference sums over them for each scale too; values and gradients agree with the scaled outputs."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
     from recycore import ops
 
     def token_sums(kernels):
         cfg = Config(**TINY, train_seq_len=64).replace(kernels=kernels)
-        torch.manual_seed(0)
-        model = GPT(cfg).to(DEVICE)
-        graphs = []
-
-        def backend(gm, example_inputs):
-            def keep(graph, _):
-                graphs.append(graph)
-                return make_boxed_func(graph.forward)
-            return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
         x, x0 = (torch.randn(1, 16, cfg.model_dim, device=DEVICE, requires_grad=True) for _ in range(2))
-        block = torch.compile(model.blocks[0], backend=backend, fullgraph=True)
-        out, _ = block(x, x0, *model.bank_weights(0))
-        out.sum().backward()
-        backward = graphs[-1].graph
-        return sum(1 for n in backward.nodes if n.target == torch.ops.aten.sum.dim_IntList
+        _, backward = _block_graphs(cfg, 0, x, x0)
+        return sum(1 for n in backward.graph.nodes if n.target == torch.ops.aten.sum.dim_IntList
                    and sorted(n.args[1]) == [0, 1])
     assert token_sums("fused") == 2 and token_sums("reference") == 4
 
@@ -141,32 +126,38 @@ def test_output_scales_are_folded_into_the_last_weights():
             assert rel_err(g, r) < 1e-5, kernels
 
 
-def _saved_activations(kernels):
-    """The activations a compiled middle block (value residual, recycled) keeps for backward, as the
-    compiler's partitioner (the one inductor uses) cuts its joint graph: [(shape, dtype)], outputs excluded."""
+def _block_graphs(cfg, layer, x, x0, v0=None):
+    """The forward and backward graphs of block `layer` of a fresh model compiled on x, x0 (and v0), cut as
+    the partitioner inductor uses cuts the joint graph; under bf16 autocast for bf16 inputs."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._functorch.aot_autograd import aot_module_simplified
 
-    cfg = Config(**TINY, train_seq_len=64).replace(kernels=kernels)
     torch.manual_seed(0)
     model = GPT(cfg).to(DEVICE)
-    forwards = []
+    graphs = []
 
     def backend(gm, example_inputs):
-        def keep_forward(graph, _):
-            forwards.append(graph)
+        def keep(graph, _):
+            graphs.append(graph)
             return make_boxed_func(graph.forward)
-        return aot_module_simplified(gm, example_inputs, fw_compiler=keep_forward,
-                                     bw_compiler=lambda graph, _: make_boxed_func(graph.forward),
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep,
                                      partition_fn=min_cut_rematerialization_partition)
+    block = torch.compile(model.blocks[layer], backend=backend, fullgraph=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
+        out, v = block(x, x0, *model.bank_weights(layer), v0=v0)
+    (out.float().sum() + v.float().sum()).backward()
+    return graphs[0], graphs[-1]
+
+
+def _saved_activations(kernels):
+    """The activations a compiled middle block (value residual, recycled) keeps for backward:
+    [(shape, dtype)], the block's outputs excluded."""
+    cfg = Config(**TINY, train_seq_len=64).replace(kernels=kernels)
     B, T, d = 3, 32, cfg.model_dim  # B T differs from every weight dim
     x, x0 = (torch.randn(B, T, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     v0 = torch.randn(B, T, cfg.num_kv_heads, cfg.head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    block = torch.compile(model.blocks[1], backend=backend, fullgraph=True)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        out, v = block(x, x0, *model.bank_weights(1), v0=v0)
-    (out.float().sum() + v.float().sum()).backward()
-    returned = list(forwards[0].graph.nodes)[-1].args[0]
+    forward, _ = _block_graphs(cfg, 1, x, x0, v0)
+    returned = list(forward.graph.nodes)[-1].args[0]
     saved = [node.meta["val"] for node in returned[2:]]  # after the block's two outputs
     return [(tuple(t.shape), t.dtype) for t in saved if t.ndim and (tuple(t.shape[:2]) == (B, T) or t.shape[0] == B * T)]
 
