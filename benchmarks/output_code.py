@@ -1,14 +1,17 @@
-"""Inductor's generated code for one micro-step (forward and backward graphs) and the layout copies in it.
+"""Inductor's generated code for one micro-step (forward and backward graphs): its layout copies and where
+its memory traffic goes.
 
-`python3 benchmarks/output_code.py OUT_FILE [--path fused] [--batch-seqs 12]` on a GPU (`h200.sh outputcode`):
-writes every compiled graph's module into OUT_FILE, prints how many graphs and Triton kernels there are
-and names every kernel that only copies (a load stored unchanged): such a kernel beside a custom op
-means a layout constraint and a producer's layout disagree (benchmarks/README.md, the packed projection).
+`python3 benchmarks/output_code.py OUT_FILE [--path fused] [--batch-seqs 12] [--top 12]` on a GPU
+(`h200.sh outputcode`): writes every compiled graph's module into OUT_FILE, prints how many graphs and
+Triton kernels there are, names every kernel that only copies (a load stored unchanged: such a kernel
+beside a custom op means a layout constraint and a producer's layout disagree; benchmarks/README.md, the
+packed projection), and ranks each graph's Triton kernels by inductor's estimate of their memory traffic
+(`recycore.bench.kernel_traffic`): where the elementwise family's time goes, without a profile.
 """
 import argparse
 import re
 
-from recycore.bench import PATHS, generated_code, pure_copy_kernels
+from recycore.bench import PATHS, generated_code, kernel_traffic, pure_copy_kernels
 from recycore.config import Config
 from recycore.files import atomic_write_text
 
@@ -18,6 +21,7 @@ def main() -> None:
     parser.add_argument("out", help="file for the generated code")
     parser.add_argument("--path", default="fused", choices=sorted(PATHS), help="benchmark path (recycore.bench)")
     parser.add_argument("--batch-seqs", type=int, default=12, help="sequences per micro-step")
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per graph, by estimated traffic")
     args = parser.parse_args()
     codes = generated_code(args.path, Config(), args.batch_seqs)
     text = "\n\n".join(f"# ===== compiled graph {i}\n{code}" for i, code in enumerate(codes))
@@ -26,6 +30,12 @@ def main() -> None:
     copies = pure_copy_kernels(text)
     print(f"{args.path}, {args.batch_seqs} sequences: {len(codes)} compiled graphs, {kernels} Triton kernels -> {args.out}")
     print("pure-copy kernels: " + (", ".join(copies) if copies else "none"))
+    for i, code in enumerate(codes):
+        rows = kernel_traffic(code)
+        print(f"graph {i}: {sum(n for _, n, _ in rows)} Triton launches, inductor's traffic estimate "
+              f"{sum(b for *_, b in rows) / 1e9:.2f} GB; the largest:")
+        for name, launches, nbytes in rows[:args.top]:
+            print(f"  {nbytes / 1e9:7.3f} GB  x{launches:<3d} {name}")
 
 
 if __name__ == "__main__":

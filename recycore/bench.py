@@ -12,6 +12,7 @@ import os
 import re
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -142,6 +143,18 @@ def pure_copy_kernels(code: str) -> list[str]:
     return [name for name, body in kernels
             if body.count("tl.load") == 1 and body.count("tl.store") == 1
             and not re.search(r"tmp\d+ = (?!tl\.load)", body)]
+
+
+def kernel_traffic(code: str) -> list[tuple[str, int, float]]:
+    """(kernel, launches, bytes) for each Triton kernel that one compiled graph's generated `code` launches,
+    largest first: bytes is inductor's own estimate of the kernel's memory traffic (the sum of its
+    `tiling_scores`, which count an in-place buffer twice), times the launches in the graph's `call`."""
+    per_launch = {name: sum(float(v) for v in re.findall(r":\s*([0-9.e+]+)", scores))
+                  for name, scores in re.findall(r"'kernel_name': '(\w+)'.*?'tiling_scores': \{([^}]*)\}", code)}
+    call = code[code.find("def call("):]
+    launches = Counter(re.findall(r"\b(triton_\w+)\.run\(", call))
+    rows = [(name, count, per_launch.get(name, 0.0) * count) for name, count in launches.items()]
+    return sorted(rows, key=lambda row: -row[2])
 
 
 def generated_code(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") -> list[str]:

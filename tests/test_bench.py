@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recycore.bench import kernel_family, pure_copy_kernels
+from recycore.bench import kernel_family, kernel_traffic, pure_copy_kernels
 
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 
@@ -43,6 +43,25 @@ def test_pure_copy_kernels_names_only_the_kernels_that_move_data_unchanged():
                          "    tl.store(out_ptr0 + (xindex), tmp2, None)\n"),
     ])
     assert pure_copy_kernels(code) == ["triton_poi_fused_copy_0"]
+
+
+def test_kernel_traffic_weighs_each_kernel_by_its_launches():
+    """Inductor's per-kernel traffic estimate (its tiling scores, from the kernel's inductor_meta) times the
+    launches in the graph's `call`; a defined kernel that is never launched is not listed."""
+    def meta(name, scores):
+        return (f"@triton_heuristics.pointwise(size_hints={{'x': 1024}}, filename=__file__,\n"
+                f"    inductor_meta={{'grid_type': 'Grid1D', 'kernel_name': '{name}', 'num_load': 2, "
+                f"'tiling_scores': {scores}}},\n)\n")
+    code = "\n".join([
+        meta("triton_poi_fused_add_0", "{'x': 3000}") + _inductor_kernel("triton_poi_fused_add_0", "    pass\n"),
+        meta("triton_red_fused_sum_1", "{'x': 100, 'r0_': 4e3}") + _inductor_kernel("triton_red_fused_sum_1", "    pass\n"),
+        meta("triton_poi_fused_unused_2", "{'x': 9e9}") + _inductor_kernel("triton_poi_fused_unused_2", "    pass\n"),
+        "class Runner:\n    def call(self, args):\n"
+        "        triton_red_fused_sum_1.run(buf0, buf1, 8, stream=stream0)\n"
+        "        triton_poi_fused_add_0.run(buf1, buf2, 8, stream=stream0)\n"
+        "        triton_red_fused_sum_1.run(buf2, buf3, 8, stream=stream0)\n",
+    ])
+    assert kernel_traffic(code) == [("triton_red_fused_sum_1", 2, 8200.0), ("triton_poi_fused_add_0", 1, 3000.0)]
 
 
 def test_report_table_and_speedups(tmp_path):
