@@ -211,7 +211,7 @@ for s in "$@"; do
     k2sweep) stage k2sweep "${K2_LIMIT:-300}" python3 "$R/benchmarks/test_bench_attention.py" "$OUT"
              record "bash benchmarks/h200.sh k2sweep (python3 benchmarks/test_bench_attention.py OUT)" "$OUT/k2_rows.jsonl" ;;
     # K4: the fused QK norm + RoPE + gain kernel, and the fused head (norm + tied linear + soft-cap + CE)
-    qkbench) stage qkbench "${QK_LIMIT:-120}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
+    qkbench) stage qkbench "${QK_LIMIT:-200}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;
     # inductor's generated code for one micro-step (OC_PATH, default fused; OC_SEQS sequences, default 12),
     # compiled afresh, in $OUT/output_code.tgz; the log names every kernel that only copies
