@@ -10,7 +10,8 @@ C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, where
   (wgmma reads A from registers, B only from shared memory) and the MMAs stay asynchronous
   (as B operand, written to shared memory in the loop, every MMA had to complete before the next);
 - the epilogue is a constexpr choice, after an optional ROW_SCALE (column n times scale[n], the
-  scale of weight row n) and M_SCALE (row m times m_scale[m]: K1's folded input RMSNorm): NONE (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
+  scale of weight row n) and M_SCALE (row m times m_scale[m]: K1's folded input RMSNorm): NONE
+  (store C), LEAKY_RELU2 (round C to the output dtype as `pre`, store
   `pre` and/or `post = leaky_relu(pre, 0.5)^2`), LEAKY_RELU2_GRAD (C is d_post: store
   d_pre = C * (pre > 0 ? 2 pre : 0.5 pre), reading `pre`); with PRE_AS_SIGN the `pre` slot holds
   instead the sign of pre, one bit per value ((M, N / 32) int32, bit j of word w: pre[:, 32 w + j]
