@@ -170,6 +170,85 @@ def generated_code(path: str, cfg: Config, batch_seqs: int = 48, device="cuda") 
     return codes
 
 
+class _CodeKept(Exception):
+    """Raised where inductor would compile a generated module: its code is kept instead."""
+
+
+def _stand_in(gm: torch.fx.GraphModule):
+    """A boxed callable returning uninitialised tensors of gm's output shapes, strides and dtypes."""
+    metas = [None if node is None else node.meta["val"] for node in gm.graph.output_node().args[0]]
+
+    def run(args):
+        return [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype)
+                if isinstance(v, torch.Tensor) else v for v in metas]
+    run._boxed_call = True
+    return run
+
+
+def _code_keeping_backend():
+    """A torch.compile backend that has inductor generate each forward and backward graph's code (kept
+    through the patch of `_sm90_codegen_on_cpu`) and then runs the graph's stand-in."""
+    import copy
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+
+    def compiler(is_backward):
+        def compile_graph(gm, example_inputs):
+            try:  # post-grad passes rewrite the graph they get: a copy
+                compile_fx_inner(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)), example_inputs,
+                                 is_backward=is_backward)
+            except Exception as error:  # inductor wraps what the hook raises (InductorError.inner_exception)
+                if not isinstance(getattr(error, "inner_exception", error), _CodeKept):
+                    raise
+            return _stand_in(gm)
+        return compile_graph
+
+    return aot_autograd(fw_compiler=compiler(False), bw_compiler=compiler(True), decompositions=select_decomp_table(),
+                        partition_fn=min_cut_rematerialization_partition)
+
+
+@contextlib.contextmanager
+def _sm90_codegen_on_cpu(codes: list[str]):
+    """Inductor generating Triton code for CPU tensors against Triton's offline sm_90 backend, each graph's
+    code appended to `codes` where the module would be compiled (which raises _CodeKept)."""
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
+    import torch._inductor.graph as inductor_graph
+    import torch._inductor.scheduler as inductor_scheduler
+    import torch.utils._triton as torch_triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from recycore.kernels import _common
+
+    def keep_code(graph):  # stands for GraphLowering._compile_to_module
+        code, _ = graph.codegen()
+        codes.append(getattr(code, "value", code))
+        raise _CodeKept
+
+    sm90 = make_backend(GPUTarget("cuda", 90, 32))
+    patches = [mock.patch.object(torch_triton, "triton_backend", lambda: sm90),
+               mock.patch.object(torch_triton, "triton_hash_with_backend", lambda: "sm90-offline"),
+               mock.patch.object(inductor_graph.GraphLowering, "_compile_to_module", keep_code),
+               inductor_config.patch(cpu_backend="triton"),
+               torch.compiler.config.patch(force_disable_caches=True),  # a cache hit would generate nothing
+               # the launchers' checks refuse CPU tensors outside the interpreter; no kernel is launched here
+               mock.patch.object(_common, "INTERPRETER_ENABLED", True)]
+    if hasattr(inductor_scheduler, "_is_gpu_triton_backend"):  # GPU-only fusions (mix-order reductions) too
+        patches.append(mock.patch.object(inductor_scheduler, "_is_gpu_triton_backend", lambda *nodes: True))
+    quiet = logging.getLogger("torch._inductor.utils")  # it warns of the cache dir each stopped compile keeps
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        stack.callback(quiet.setLevel, quiet.level)
+        quiet.setLevel(logging.ERROR)
+        yield
+
+
 def generated_code_on_cpu(path: str, cfg: Config, batch_seqs: int = 12) -> list[str]:
     """What `generated_code` returns, on a machine without a GPU: inductor's Triton code for `path`'s
     micro-step (its forward and backward graphs) at cfg's shapes, for an sm_90 target. The model runs on
@@ -179,77 +258,15 @@ def generated_code_on_cpu(path: str, cfg: Config, batch_seqs: int = 12) -> list[
     inductor's own; what it decides by asking the device differs from a GPU compile (no row padding,
     so no copies beside the custom ops; the CPU's autocast lists; the attention kernels' CPU choice),
     so compare totals of this function with each other, not with a GPU's. Whole-model paths only."""
-    import copy
-    from unittest import mock
-
-    import torch._inductor.config as inductor_config
-    import torch._inductor.graph as inductor_graph
-    import torch._inductor.scheduler as inductor_scheduler
-    import torch.utils._triton as torch_triton
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.compile_fx import compile_fx_inner
-    from torch._inductor.decomposition import select_decomp_table
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
-    from recycore.kernels import _common
-
     kernels, mode, per_block, _ = PATHS[path]
-    if mode is None or per_block or mode != "default":
+    if mode != "default" or per_block:
         raise ValueError(f"generated_code_on_cpu compiles whole-model default-mode paths, not {path!r}")
-    sm90 = make_backend(GPUTarget("cuda", 90, 32))
-    codes: list[str] = []
-
-    class _Generated(Exception):
-        pass
-
-    def keep_code(graph):  # GraphLowering._compile_to_module: the code, never a module
-        code, _ = graph.codegen()
-        codes.append(getattr(code, "value", code))
-        raise _Generated
-
-    def stand_in(gm):
-        metas = [None if node is None else node.meta["val"] for node in gm.graph.output_node().args[0]]
-
-        def run(args):
-            return [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype)
-                    if isinstance(v, torch.Tensor) else v for v in metas]
-        run._boxed_call = True
-        return run
-
-    def compiler(is_backward):
-        def compile_graph(gm, example_inputs):
-            try:  # post-grad passes rewrite the graph they get: a copy
-                compile_fx_inner(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)), example_inputs,
-                                 is_backward=is_backward)
-            except Exception as error:  # inductor wraps what the hook raises (InductorError.inner_exception)
-                if not isinstance(getattr(error, "inner_exception", error), _Generated):
-                    raise
-            return stand_in(gm)
-        return compile_graph
-
-    backend = aot_autograd(fw_compiler=compiler(False), bw_compiler=compiler(True), decompositions=select_decomp_table(),
-                           partition_fn=min_cut_rematerialization_partition)
-    patches = [mock.patch.object(torch_triton, "triton_backend", lambda: sm90),
-               mock.patch.object(torch_triton, "triton_hash_with_backend", lambda: "sm90-offline"),
-               mock.patch.object(inductor_graph.GraphLowering, "_compile_to_module", keep_code),
-               inductor_config.patch(cpu_backend="triton"),
-               # the launchers' checks refuse CPU tensors outside the interpreter; no kernel is launched here
-               mock.patch.object(_common, "INTERPRETER_ENABLED", True)]
-    if hasattr(inductor_scheduler, "_is_gpu_triton_backend"):  # GPU-only fusions (mix-order reductions) too
-        patches.append(mock.patch.object(inductor_scheduler, "_is_gpu_triton_backend", lambda *nodes: True))
     torch.manual_seed(0)
     model = GPT(cfg.replace(kernels=kernels))
     x, y = random_batch(cfg, batch_seqs, device="cpu")
-    quiet = logging.getLogger("torch._inductor.utils")  # it warns of the cache dir each stopped compile keeps
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            stack.enter_context(patch)
-        stack.callback(quiet.setLevel, quiet.level)
-        quiet.setLevel(logging.ERROR)
-        stack.enter_context(torch.compiler.config.patch(force_disable_caches=True))
-        runner = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+    codes: list[str] = []
+    with _sm90_codegen_on_cpu(codes):
+        runner = torch.compile(model, backend=_code_keeping_backend(), dynamic=False, fullgraph=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = runner(x, y)
         loss.backward()

@@ -275,3 +275,12 @@ def test_fused_step_moves_about_half_the_bytes_of_the_reference():
             assert all(sizes.get(name, 0) < activation for name in pure_copy_kernels(code)), path
     for fused, reference in zip(totals["fused"], totals["reference-compiled"]):
         assert 0 < fused <= 0.58 * reference, totals
+
+
+@pytest.mark.parametrize("path", ["reference-eager", "reference-max-autotune", "reference-max-autotune-whole"])
+def test_cpu_output_code_refuses_paths_it_cannot_compile(path):
+    from recycore.bench import generated_code_on_cpu
+    from recycore.config import PRESETS, Config
+
+    with pytest.raises(ValueError, match=f"whole-model default-mode paths, not '{path}'"):
+        generated_code_on_cpu(path, Config(**PRESETS["ci"]))
