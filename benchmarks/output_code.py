@@ -2,12 +2,14 @@
 its memory traffic goes.
 
 `python3 benchmarks/output_code.py OUT_FILE [--path fused] [--batch-seqs 12] [--top 12]` on a GPU
-(`h200.sh outputcode`), or with `--device cpu` on a machine without one (`recycore.bench.generated_code_on_cpu`:
-the same fusion decisions for an sm_90 target, without row padding; totals comparable among CPU runs): writes every compiled graph's module into OUT_FILE, prints how many graphs and
-Triton kernels there are, names every kernel that only copies (a load stored unchanged: such a kernel
-beside a custom op means a layout constraint and a producer's layout disagree; benchmarks/README.md, the
-packed projection), and ranks each graph's Triton kernels by inductor's estimate of their memory traffic
-(`recycore.bench.kernel_traffic`): where the elementwise family's time goes, without a profile.
+(`h200.sh outputcode`), or with `--device cpu` on a machine without one
+(`recycore.bench.generated_code_on_cpu`: inductor's own fusion for an sm_90 target, without the GPU's
+row padding; compare its totals with other CPU runs): writes every compiled graph's module into
+OUT_FILE, prints how many graphs and Triton kernels there are, names every kernel that only copies, with
+its traffic (a load stored unchanged: such a kernel beside a custom op means a layout constraint and a
+producer's layout disagree; benchmarks/README.md, the packed projection), and ranks each graph's Triton
+kernels by inductor's estimate of their memory traffic (`recycore.bench.kernel_traffic`): where the
+elementwise family's time goes, without a profile.
 """
 import argparse
 import re

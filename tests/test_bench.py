@@ -271,7 +271,7 @@ def test_fused_step_moves_about_half_the_bytes_of_the_reference():
         totals[path] = [sum(nbytes for *_, nbytes in kernel_traffic(code)) for code in codes]
         activation = 4 * cfg.train_seq_len * cfg.model_dim * 2  # one (B, T, d) bf16 tensor
         for code in codes:
-            sizes = dict((name, nbytes / launches) for name, launches, nbytes in kernel_traffic(code))
+            sizes = {name: nbytes / launches for name, launches, nbytes in kernel_traffic(code)}
             assert all(sizes.get(name, 0) < activation for name in pure_copy_kernels(code)), path
     for fused, reference in zip(totals["fused"], totals["reference-compiled"]):
         assert 0 < fused <= 0.58 * reference, totals
