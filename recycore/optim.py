@@ -390,34 +390,34 @@ class OptimizerSet:
                 t.zero_()
 
     @torch.no_grad()
-    def _all_reduce_replicated(self):
-        """Average the replicated gradients across ranks in one fp32 buffer (async)."""
-        grads = [p.grad for p in self.replicated if p.grad is not None]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        return grads, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+    def _all_reduce_replicated(self, grads: list[Tensor]) -> None:
+        """Average the replicated gradients across ranks in place, through one fp32 buffer (cat promotes
+        the bf16 tables' gradients itself)."""
+        flat = torch.cat([g.reshape(-1) for g in grads]).float()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     @torch.no_grad()
     def step(self) -> Tensor:
         """One optimiser step on all parameters; returns the pre-clip global grad norm."""
         self.muon.reduce_gradients()
-        if self.distributed:
-            grads, flat, work = self._all_reduce_replicated()
-            work.wait()
-            flat.div_(self.world_size)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-        bank_sq = self.muon.wait_gradients()
-        if self.distributed:  # each rank holds different bank shards, the same replicated grads
-            dist.all_reduce(bank_sq, op=dist.ReduceOp.SUM)
+        # The replicated parameters are about a hundred small tensors: one foreach kernel per list, not one
+        # per tensor (the distributed step runs eagerly, so its launches are in the step's time).
         grads = [p.grad for p in self.replicated if p.grad is not None]
-        norm = (bank_sq + sum(g.float().square().sum() for g in grads)).sqrt()
+        if self.distributed and grads:
+            self._all_reduce_replicated(grads)
+        squared = self.muon.wait_gradients()  # the banks' part (this rank's shards)
+        if self.distributed:  # each rank holds different bank shards, the same replicated grads
+            dist.all_reduce(squared, op=dist.ReduceOp.SUM)
+        if grads:
+            squared = squared + torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+        norm = squared.sqrt()
         clip = 1.0
         if self.cfg.grad_clip_norm > 0:
             clip = (self.cfg.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(clip)
+            if grads:
+                torch._foreach_mul_(grads, clip)
         self.muon.launch_updates(clip)
         self.adam.step()
         self.muon.apply_updates()
