@@ -214,10 +214,16 @@ for s in "$@"; do
     qkbench) stage qkbench "${QK_LIMIT:-200}" python3 "$R/benchmarks/test_bench_qk_prep.py" ;;
     headbench) stage headbench "${HEAD_LIMIT:-150}" python3 "$R/benchmarks/test_bench_head.py" "$OUT/k4_head.json" ;;
     # inductor's generated code for one micro-step (OC_PATH, default fused; OC_SEQS sequences, default 12),
-    # compiled afresh, in $OUT/output_code.tgz; the log names every kernel that only copies
+    # compiled afresh, in $OUT/output_code.tgz; the log names every kernel that only copies. Then (OC_CPU=0:
+    # not) the same code generated on the CPU (`--device cpu`, about 30 s), to calibrate that stand-in
     outputcode) stage outputcode "${OC_LIMIT:-240}" python3 "$R/benchmarks/output_code.py" /tmp/output_code.py \
                   --path "${OC_PATH:-fused}" --batch-seqs "${OC_SEQS:-12}"
-                tar czf "$OUT/output_code.tgz" -C /tmp output_code.py ;;
+                codes=(output_code.py)
+                if [ "${OC_CPU:-1}" != 0 ]; then
+                  stage oc-cpu 120 python3 "$R/benchmarks/output_code.py" /tmp/output_code_cpu.py --device cpu \
+                    --path "${OC_PATH:-fused}" --batch-seqs "${OC_SEQS:-12}" && codes+=(output_code_cpu.py)
+                fi
+                tar czf "$OUT/output_code.tgz" -C /tmp "${codes[@]}" ;;
     # host cost per call of every launcher (benchmarks/host_cost.py) for this code and, with BASELINE=DIR
     # (a tree of recycore/ and kernels/ of an earlier commit, relative to the repo and carried;
     # BASELINE_COMMIT names it), for that code too: HOST_ROUNDS (5) alternating processes per version
