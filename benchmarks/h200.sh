@@ -216,14 +216,14 @@ for s in "$@"; do
     # inductor's generated code for one micro-step (OC_PATH, default fused; OC_SEQS sequences, default 12),
     # compiled afresh, in $OUT/output_code.tgz; the log names every kernel that only copies. Then (OC_CPU=0:
     # not) the same code generated on the CPU (`--device cpu`, about 30 s), to calibrate that stand-in
-    outputcode) stage outputcode "${OC_LIMIT:-240}" python3 "$R/benchmarks/output_code.py" /tmp/output_code.py \
-                  --path "${OC_PATH:-fused}" --batch-seqs "${OC_SEQS:-12}"
-                codes=(output_code.py)
+    outputcode) codes=()
+                stage outputcode "${OC_LIMIT:-240}" python3 "$R/benchmarks/output_code.py" /tmp/output_code.py \
+                  --path "${OC_PATH:-fused}" --batch-seqs "${OC_SEQS:-12}" && codes+=(output_code.py)
                 if [ "${OC_CPU:-1}" != 0 ]; then
                   stage oc-cpu 120 python3 "$R/benchmarks/output_code.py" /tmp/output_code_cpu.py --device cpu \
                     --path "${OC_PATH:-fused}" --batch-seqs "${OC_SEQS:-12}" && codes+=(output_code_cpu.py)
                 fi
-                tar czf "$OUT/output_code.tgz" -C /tmp "${codes[@]}" ;;
+                [ ${#codes[@]} = 0 ] || tar czf "$OUT/output_code.tgz" -C /tmp "${codes[@]}" ;;
     # host cost per call of every launcher (benchmarks/host_cost.py) for this code and, with BASELINE=DIR
     # (a tree of recycore/ and kernels/ of an earlier commit, relative to the repo and carried;
     # BASELINE_COMMIT names it), for that code too: HOST_ROUNDS (5) alternating processes per version
